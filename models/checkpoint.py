@@ -1,0 +1,93 @@
+"""Reading released Wav2Lip-family checkpoints, with one-line errors for every way they go wrong.
+
+The released files (``wav2lip.pth``, ``wav2lip_gan.pth``, ``lipsync_expert.pth``) were written by
+torch 1.1 in the legacy (non-zip) format as ``{"state_dict", "optimizer", "global_step",
+"global_epoch"}``, sometimes with DataParallel's ``module.`` key prefix. ``torch.load`` reads that
+format with ``weights_only=True``, so no pickled code is ever executed.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+# Released sizes, quoted in errors so a truncated download is easy to recognise.
+RELEASED_BYTES = {"wav2lip.pth": 435_807_851, "wav2lip_gan.pth": 435_801_865}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file cannot be used for the model it was given to; the message says why."""
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a tensor state dict from a released-format checkpoint or a bare state dict file.
+
+    Keys lose any ``module.`` prefix. Raises :class:`CheckpointError` (one line) when the file is
+    missing, unreadable or truncated, or holds no state dict.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist; check the path you gave")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types for damaged files; all mean the same here
+        size = path.stat().st_size
+        expected = RELEASED_BYTES.get(path.name)
+        hint = f" (the released file is {expected:,} bytes)" if expected else ""
+        reason = str(err).strip().splitlines()[0][:120] if str(err).strip() else type(err).__name__
+        raise CheckpointError(
+            f"checkpoint {path} ({size:,} bytes) cannot be read: {reason}; the file is truncated "
+            f"or not a torch checkpoint, download it again{hint}"
+        ) from None
+    state = obj.get("state_dict", obj) if isinstance(obj, dict) else obj
+    if not isinstance(state, dict) or not state or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        raise CheckpointError(
+            f"checkpoint {path} holds no state dict (found {type(obj).__name__}"
+            f"{' with keys ' + str(sorted(obj)[:5]) if isinstance(obj, dict) else ''}); "
+            "give a released Wav2Lip file or a saved state_dict"
+        )
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def check_state_dict(
+    state: dict[str, torch.Tensor], model: nn.Module, source: str, kind: str = "Wav2Lip"
+) -> None:
+    """Raise :class:`CheckpointError` unless ``state`` has exactly ``model``'s keys and shapes."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if len(missing) == len(expected):
+        raise CheckpointError(
+            f"{source} is not a {kind} checkpoint: none of its {len(state)} keys match "
+            f"(first: {next(iter(state))!r}); give a {kind} checkpoint"
+        )
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{source} does not match {kind}: {len(missing)} missing keys (first: "
+            f"{missing[:1]}), {len(unexpected)} unexpected (first: {unexpected[:1]}); "
+            "was it saved from another architecture or slim factor?"
+        )
+    wrong = [(k, tuple(state[k].shape), tuple(v.shape)) for k, v in expected.items()
+             if state[k].shape != v.shape]
+    if wrong:
+        key, got, want = wrong[0]
+        raise CheckpointError(
+            f"{source} has {len(wrong)} tensors of the wrong shape (first: {key} is {got}, "
+            f"{kind} needs {want}); was it saved from another slim factor?"
+        )
+
+
+def load_weights(model: nn.Module, path: str | Path, kind: str = "Wav2Lip") -> nn.Module:
+    """Load a checkpoint into ``model`` after checking every key and shape; returns the model."""
+    state = read_state_dict(path)
+    check_state_dict(state, model, str(path), kind)
+    model.load_state_dict(state)
+    log.info("loaded %s weights from %s (%d tensors)", kind, path, len(state))
+    return model
