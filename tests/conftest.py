@@ -1,0 +1,18 @@
+"""Shared pytest fixtures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+# Real sample media live next to the repository, never inside it (see shared/samples/SOURCES.md).
+SAMPLES_DIR = Path(__file__).resolve().parents[2] / "shared" / "samples"
+
+
+@pytest.fixture(scope="session")
+def samples_dir() -> Path:
+    """Folder of real sample media; skips the test when it is absent."""
+    if not SAMPLES_DIR.is_dir():
+        pytest.skip(f"sample media not found at {SAMPLES_DIR} (shared/ is outside the repo)")
+    return SAMPLES_DIR
