@@ -1,0 +1,96 @@
+"""Training windows on a generated layout: shapes, masking, mel indexing and bad folders."""
+
+import shutil
+from pathlib import Path
+
+import cv2
+import pytest
+import torch
+
+from data.audio import MEL_STEP
+from data.dataset import DataError, Wav2LipDataModule, WindowDataset, mel_start
+from data.synthetic import make_synthetic_dataset
+
+
+@pytest.fixture(scope="module")
+def sample_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_synthetic_dataset(tmp_path_factory.mktemp("data") / "sample", n_clips=3, n_val=1)
+
+
+def test_window_shapes_and_masked_rows(sample_root: Path) -> None:
+    dataset = WindowDataset(sample_root, "train", length=4, deterministic=True)
+    sample = dataset[0]
+    assert sample["face"].shape == (6, 5, 96, 96)
+    assert sample["mel"].shape == (5, 1, 80, 16)
+    assert sample["target"].shape == (3, 5, 96, 96)
+    face, target = sample["face"], sample["target"]
+    assert torch.all(face[:3, :, 48:] == 0), "lower half of the input window must be zeroed"
+    assert torch.equal(face[:3, :, :48], target[:, :, :48]), "upper half is the target's"
+    assert face[:3, :, :48].abs().sum() > 0 and face[3:, :, 48:].abs().sum() > 0
+    assert 0.0 <= float(target.min()) and float(target.max()) <= 1.0
+    # The reference window comes from another time of the clip, not the target window itself.
+    assert not torch.equal(face[3:], target)
+
+
+def test_windows_are_bgr_frames_scaled_to_unit_range(sample_root: Path) -> None:
+    dataset = WindowDataset(sample_root, "train", length=1, deterministic=True)
+    clip = dataset.clips[0]
+    start = dataset.starts[0][0]
+    window = dataset._read_window(clip, start)
+    image = cv2.resize(cv2.imread(str(clip.path / f"{start}.jpg")), (96, 96))
+    assert torch.allclose(torch.from_numpy(window[:, 0]), torch.from_numpy(image).permute(2, 0, 1)
+                          .float() / 255)
+
+
+def test_mel_windows_follow_the_training_offset(sample_root: Path) -> None:
+    dataset = WindowDataset(sample_root, "val", length=1, deterministic=True)
+    clip = dataset.clips[0]
+    # Frame 10 at 25 fps with the original's training offset starts one frame (3.2 columns)
+    # earlier: int(80 * 9 / 25) = 28; at inference (offset 0) int(80 * 10 / 25) = 32.
+    assert mel_start(10, -1) == 28 and mel_start(10, 0) == 32
+    assert mel_start(1, -1) == 0
+    starts = clip.window_starts(-1)
+    assert 0 not in starts, "frame 0 has no mel one frame earlier"
+    last = max(starts)
+    assert mel_start(last + 4, -1) + MEL_STEP <= clip.mel.shape[1]
+
+
+def test_sample_mels_are_the_clip_columns(sample_root: Path) -> None:
+    dataset = WindowDataset(sample_root, "val", length=1, deterministic=True)
+    rng_state = dataset._rng(0)
+    which = rng_state.randrange(len(dataset.clips))
+    start = rng_state.choice(dataset.starts[which])
+    mels = dataset[0]["mel"]
+    clip = dataset.clips[which]
+    for k in range(5):
+        begin = mel_start(start + k, -1)
+        assert torch.equal(mels[k, 0], clip.mel[:, begin:begin + MEL_STEP])
+
+
+def test_datamodule_batches(sample_root: Path) -> None:
+    datamodule = Wav2LipDataModule(str(sample_root), batch_size=3, train_samples=6, val_samples=2)
+    datamodule.setup("fit")
+    batch = next(iter(datamodule.train_dataloader()))
+    assert batch["face"].shape == (3, 6, 5, 96, 96) and batch["mel"].shape == (3, 5, 1, 80, 16)
+
+
+def test_empty_folder_is_a_one_line_error(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="train.txt does not exist") as err:
+        Wav2LipDataModule(str(tmp_path)).setup("fit")
+    assert "\n" not in str(err.value)
+    (tmp_path / "train.txt").write_text("\n")
+    with pytest.raises(DataError, match="lists no clips"):
+        Wav2LipDataModule(str(tmp_path)).setup("fit")
+
+
+def test_clip_too_short_for_window_and_reference(sample_root: Path, tmp_path: Path) -> None:
+    root = tmp_path / "short"
+    clip = root / "speaker" / "00001"
+    shutil.copytree(sample_root / "synthetic" / "clip00", clip)
+    for jpg in clip.glob("*.jpg"):
+        if int(jpg.stem) >= 15:  # keep 15 frames: the original needs more than 15
+            jpg.unlink()
+    (root / "train.txt").write_text("speaker/00001\n")
+    with pytest.raises(DataError, match="too short") as err:
+        WindowDataset(root, "train", length=1)
+    assert "\n" not in str(err.value) and "15 frames" in str(err.value)
