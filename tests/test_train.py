@@ -1,0 +1,110 @@
+"""The main job end to end: Hydra multirun, offline W&B metrics, exports, and bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from data.dataset import DataError
+from data.synthetic import make_synthetic_dataset
+from models.checkpoint import CheckpointError
+from models.wav2lip import Wav2Lip
+from tests.wandb_records import history_keys
+from train import train
+
+ROOT = Path(__file__).resolve().parents[1]
+# A few steps on the generated sample: enough to pass through every stage of the job.
+FAST = [
+    "trainer.max_steps=4",
+    "trainer.val_check_interval=2",
+    "trainer.log_every_n_steps=2",
+    "data.train_samples=8",
+    "data.val_samples=2",
+    "callbacks.export.calibration_batches=2",
+]
+
+
+def run_train(*overrides: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *overrides], cwd=cwd,
+                          capture_output=True, text=True, timeout=900)
+
+
+@pytest.mark.slow
+def test_multirun_over_two_slim_factors(tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    result = run_train("--multirun", "student.slim=0.125,0.25", f"hydra.sweep.dir={sweep}",
+                       *FAST, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = sorted(p for p in sweep.iterdir() if p.is_dir())
+    assert [p.name for p in runs] == ["0_slim0.125", "1_slim0.25"]
+    student_params = []
+    for run in runs:
+        assert (run / "checkpoints" / "last.ckpt").is_file()
+        assert (run / "export" / "student_int8.pt2").is_file()
+        report = json.loads((run / "export" / "report.json").read_text())
+        assert report["psnr_db"]["int8_vs_float_student"] >= 30.0, report["psnr_db"]
+        student_params.append(report["parameters"]["student"])
+        [run_file] = run.glob("wandb/offline-run-*/run-*.wandb")
+        keys = history_keys(run_file)
+        assert {"train/loss", "train/l1_teacher", "val/loss", "val/l1_teacher"} <= keys, keys
+        checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+        assert not any(k.startswith("teacher.") for k in checkpoint["state_dict"])
+    assert student_params[0] < student_params[1]
+    assert "int8 export:" in result.stdout and "report:" in result.stdout
+
+
+def compose_config(output_dir: Path, *overrides: str):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose("train", overrides=[f"paths.output_dir={output_dir}", "logger={}",
+                                           *FAST, *overrides])
+
+
+def assert_nothing_written(output_dir: Path) -> None:
+    for name in ("checkpoints", "export"):
+        assert not (output_dir / name).exists(), f"{name} was written despite the error"
+
+
+def test_data_folder_without_clips(tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cfg = compose_config(tmp_path / "run", "data=lrs2", f"data.root={empty}")
+    with pytest.raises(DataError, match="train.txt does not exist"):
+        train(cfg)
+    assert_nothing_written(tmp_path / "run")
+
+
+def test_clip_too_short(tmp_path: Path) -> None:
+    root = make_synthetic_dataset(tmp_path / "short", n_clips=2, seconds=0.6, n_val=1)
+    cfg = compose_config(tmp_path / "run", "data=lrs2", f"data.root={root}")
+    with pytest.raises(DataError, match="too short"):
+        train(cfg)
+    assert_nothing_written(tmp_path / "run")
+
+
+def test_checkpoint_that_is_not_wav2lip(tmp_path: Path) -> None:
+    foreign = torch.nn.Linear(4, 4)
+    torch.save({"state_dict": foreign.state_dict()}, tmp_path / "foreign.pth")
+    cfg = compose_config(tmp_path / "run", f"teacher.checkpoint={tmp_path / 'foreign.pth'}")
+    with pytest.raises(CheckpointError, match="is not a Wav2Lip checkpoint"):
+        train(cfg)
+    assert_nothing_written(tmp_path / "run")
+
+
+def test_cli_truncated_teacher_is_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "wav2lip.pth"
+    torch.save({"state_dict": Wav2Lip().state_dict()}, path, _use_new_zipfile_serialization=False)
+    path.write_bytes(path.read_bytes()[:1_000_000])
+    run_dir = tmp_path / "run"
+    result = run_train(f"teacher.checkpoint={path}", f"hydra.run.dir={run_dir}", "logger={}",
+                       *FAST, cwd=tmp_path)
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: checkpoint") and "truncated" in last, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert_nothing_written(run_dir)

@@ -1,0 +1,89 @@
+"""Distil a slim Wav2Lip student from a frozen teacher, then export it fused and int8.
+
+    python train.py                                  # smoke test on a generated sample
+    python train.py data=lrs2 data.root=/data/lrs2_preprocessed teacher.checkpoint=wav2lip.pth
+    python train.py --multirun student.slim=0.25,0.5
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import hydra
+import lightning as L
+from hydra.utils import instantiate
+from lightning.pytorch.loggers import WandbLogger
+from omegaconf import DictConfig
+
+from data.audio import AudioError
+from data.dataset import DataError
+from models.checkpoint import CheckpointError, load_weights
+from models.wav2lip import Wav2Lip
+
+log = logging.getLogger(__name__)
+
+
+def build_teacher(checkpoint: str | None) -> Wav2Lip:
+    """The frozen original generator, from ``checkpoint`` or randomly initialised if None."""
+    if not checkpoint:
+        log.warning("teacher.checkpoint is empty: the teacher is RANDOMLY INITIALISED, so this "
+                    "run is only a smoke test; set teacher.checkpoint=/path/to/wav2lip.pth")
+        return Wav2Lip()
+    return load_weights(Wav2Lip(), checkpoint)
+
+
+def close_wandb(loggers: list) -> None:
+    """Finish the W&B run, so that the next job of a multirun starts its own."""
+    if any(isinstance(logger, WandbLogger) for logger in loggers):
+        import wandb
+
+        wandb.finish()
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Build everything from ``cfg``, fit, export; returns the final logged metrics."""
+    L.seed_everything(cfg.seed, workers=True)
+
+    log.info("checking data <%s>", cfg.data.root)
+    datamodule = instantiate(cfg.data)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+
+    log.info("building teacher and student <slim=%s>", cfg.student.slim)
+    teacher = build_teacher(cfg.teacher.checkpoint)
+    student = instantiate(cfg.student)
+    module = instantiate(cfg.distill, student=student, teacher=teacher)
+
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+
+    log.info("distilling for <%s> steps", cfg.trainer.max_steps)
+    try:
+        trainer.fit(module, datamodule=datamodule)
+    finally:
+        close_wandb(loggers)
+
+    if trainer.is_global_zero:
+        print(f"checkpoint: {trainer.checkpoint_callback.last_model_path}")
+        for callback in callbacks:
+            for name, path in getattr(callback, "outputs", {}).items():
+                print(f"{name}: {path}")
+    return {k: float(v) for k, v in trainer.callback_metrics.items()}
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    """Hydra entry point; returns ``val/l1_teacher`` so sweepers can minimise it."""
+    try:
+        metrics = train(cfg)
+    except (AudioError, CheckpointError, DataError) as err:
+        # Bad input is the user's to fix: one line, no traceback.
+        log.error("%s", err)
+        sys.exit(f"error: {err}")
+    return metrics.get("val/l1_teacher")
+
+
+if __name__ == "__main__":
+    main()
