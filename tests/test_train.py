@@ -108,3 +108,26 @@ def test_cli_truncated_teacher_is_one_line(tmp_path: Path) -> None:
     assert last.startswith("error: checkpoint") and "truncated" in last, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
     assert_nothing_written(run_dir)
+
+
+@pytest.mark.slow
+def test_real_clips_preprocess_train_export(samples_dir: Path, tmp_path: Path) -> None:
+    clips = [samples_dir / "vid_retalking2_844sq_25fps.mp4",
+             samples_dir / "vid_retalking4_700sq_30fps.mp4"]
+    data_root = tmp_path / "lrs2"
+    prep = subprocess.run([sys.executable, "-m", "data.preprocess", "--input", *map(str, clips),
+                           "--output", str(data_root)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+    assert prep.returncode == 0, prep.stderr[-2000:]
+    listed = [clip for split in ("train", "val")
+              for clip in (data_root / f"{split}.txt").read_text().split()]
+    assert sorted(listed) == ["vid_retalking2_844sq_25fps", "vid_retalking4_700sq_30fps"]
+
+    run_dir = tmp_path / "run"
+    result = run_train("data=lrs2", f"data.root={data_root}", "data.batch_size=2",
+                       "data.num_workers=0", f"hydra.run.dir={run_dir}", *FAST, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    report = json.loads((run_dir / "export" / "report.json").read_text())
+    assert report["psnr_db"]["int8_vs_float_student"] >= 30.0, report["psnr_db"]
+    assert report["parameters"]["teacher"] == 36_298_035
