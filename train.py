@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import warnings
 
 import hydra
 import lightning as L
@@ -22,6 +23,8 @@ from models.checkpoint import CheckpointError, load_weights
 from models.wav2lip import Wav2Lip
 
 log = logging.getLogger(__name__)
+# The frozen teacher is in eval mode on purpose; Lightning would warn about it on every fit.
+warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode", module="lightning")
 
 
 def build_teacher(checkpoint: str | None) -> Wav2Lip:

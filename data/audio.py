@@ -34,6 +34,8 @@ REF_LEVEL_DB = 20.0
 MAX_ABS = 4.0
 MEL_STEP = 16  # mel columns per model window (200 ms)
 MEL_PER_SECOND = SAMPLE_RATE // HOP  # 80
+# Video frame rate the teacher was trained at; preprocessing resamples every clip onto it.
+FPS = 25
 
 # -100 dB floor on the magnitude, as in the original front-end.
 _AMP_FLOOR = 10.0 ** (MIN_LEVEL_DB / 20.0)

@@ -20,12 +20,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from data.audio import MEL_STEP, load_audio, melspectrogram
+from data.audio import FPS, MEL_PER_SECOND, MEL_STEP, load_audio, melspectrogram
 
 log = logging.getLogger(__name__)
 
-FPS = 25
-MEL_PER_FRAME = 80 / FPS  # 80 mel columns per second of 16 kHz audio (hop 200)
+MEL_PER_FRAME = MEL_PER_SECOND / FPS  # 3.2 mel columns per video frame
 WINDOW = 5  # frames per training window (syncnet_T in the original)
 IMG_SIZE = 96
 

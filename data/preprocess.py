@@ -30,11 +30,10 @@ import av
 import cv2
 import numpy as np
 
-from data.audio import SAMPLE_RATE, AudioError, load_audio, save_wav
+from data.audio import FPS, SAMPLE_RATE, AudioError, load_audio, save_wav
 
 log = logging.getLogger(__name__)
 
-FPS = 25
 VIDEO_EXTS = frozenset({".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v", ".mpg", ".mpeg", ".flv"})
 
 Box = tuple[int, int, int, int]  # x1, y1, x2, y2 in pixels, x2/y2 exclusive

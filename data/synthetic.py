@@ -15,11 +15,10 @@ import cv2
 import numpy as np
 import torch
 
-from data.audio import SAMPLE_RATE, save_wav
+from data.audio import FPS, SAMPLE_RATE, save_wav
 
 log = logging.getLogger(__name__)
 
-FPS = 25
 CROP = 128
 
 
