@@ -36,6 +36,8 @@ MEL_STEP = 16  # mel columns per model window (200 ms)
 MEL_PER_SECOND = SAMPLE_RATE // HOP  # 80
 # Video frame rate the teacher was trained at; preprocessing resamples every clip onto it.
 FPS = 25
+# Shortest usable audio: one 16-column mel window (200 ms) for one video frame.
+MIN_AUDIO_SECONDS = MEL_STEP / MEL_PER_SECOND
 
 # -100 dB floor on the magnitude, as in the original front-end.
 _AMP_FLOOR = 10.0 ** (MIN_LEVEL_DB / 20.0)
@@ -45,18 +47,19 @@ class AudioError(ValueError):
     """An audio file that cannot be used; the message names the file and the fix."""
 
 
-def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> torch.Tensor:
-    """Decode an audio or video file to a mono float waveform.
+def decode_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> tuple[torch.Tensor, float]:
+    """Decode the first audio stream of a file to mono, and say when its first sample plays.
 
     Channels are averaged (as librosa does) and the signal is resampled with libswresample.
 
     Args:
-        path: Any file FFmpeg can demux (WAV, MP3, AAC in MP4, ...); its first audio stream
-            is used.
+        path: Any file FFmpeg can demux (WAV 16/24-bit, MP3, AAC in MP4, ...).
         sample_rate: Output rate in Hz.
 
     Returns:
-        1-D float32 tensor in [-1, 1].
+        The 1-D float32 waveform in [-1, 1], and the presentation time of its first sample in
+        seconds (0.0 when the container gives none), which preprocessing uses to line the audio
+        up with the first video frame.
 
     Raises:
         AudioError: The file is missing, has no audio stream, cannot be decoded or is empty.
@@ -65,6 +68,7 @@ def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> torch.Tensor
     if not path.is_file():
         raise AudioError(f"{path}: file not found; check the path")
     chunks: list[np.ndarray] = []
+    start: float | None = None
     try:
         with av.open(str(path)) as container:
             if not container.streams.audio:
@@ -76,6 +80,8 @@ def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> torch.Tensor
             # plain mean rather than libswresample's -3 dB matrix.
             resampler = av.AudioResampler(format="fltp", rate=sample_rate)
             for frame in container.decode(stream):
+                if start is None and frame.time is not None:
+                    start = float(frame.time)
                 chunks.extend(f.to_ndarray() for f in resampler.resample(frame))
             chunks.extend(f.to_ndarray() for f in resampler.resample(None))
     except av.FFmpegError as exc:
@@ -86,7 +92,19 @@ def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> torch.Tensor
     if not chunks or sum(c.shape[-1] for c in chunks) == 0:
         raise AudioError(f"{path}: the audio stream is empty; give a file with sound in it")
     wav = np.concatenate(chunks, axis=-1).mean(axis=0)
-    return torch.from_numpy(np.clip(wav, -1.0, 1.0).astype(np.float32))
+    return torch.from_numpy(np.clip(wav, -1.0, 1.0).astype(np.float32)), start or 0.0
+
+
+def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> torch.Tensor:
+    """Decode an audio or video file to a mono float waveform (see ``decode_audio``).
+
+    Returns:
+        1-D float32 tensor in [-1, 1].
+
+    Raises:
+        AudioError: The file is missing, has no audio stream, cannot be decoded or is empty.
+    """
+    return decode_audio(path, sample_rate)[0]
 
 
 def save_wav(

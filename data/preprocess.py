@@ -1,10 +1,14 @@
 """Turn talking-face videos into the LRS2-style layout that Wav2Lip trains on.
 
 For each clip ``ROOT/<clip>/`` holds ``<i>.jpg`` face crops, where ``i`` indexes a 25 fps timeline
-(frames without a face are left out) and ``audio.wav`` (16 kHz mono PCM). ``ROOT/train.txt`` and
-``ROOT/val.txt`` list clip paths relative to ROOT. The layout follows the preprocessing described
-for Wav2Lip (Prajwal et al., ACM MM 2020); the code is written anew, uses PyAV for decoding and an
-OpenCV Haar cascade as the default face detector, so it needs no download and no system FFmpeg.
+(frames without a usable face are left out), ``audio.wav`` (16 kHz mono PCM, sample 0 at the time
+of timeline index 0), ``mel.npy`` (its cached mel) and ``record.json`` (what happened to the clip).
+``ROOT/train.txt``, ``ROOT/val.txt`` and ``ROOT/test.txt`` list clip paths relative to ROOT, split
+by clip. The layout follows the preprocessing described for Wav2Lip (Prajwal et al., ACM MM 2020);
+the code is written anew, uses PyAV for decoding and an OpenCV Haar cascade as the default face
+detector (S3FD with a user-given weight file as the other), so it needs no download and no system
+FFmpeg. Clips are written atomically (a temporary folder renamed at the end), so a re-run skips
+finished clips and redoes interrupted ones.
 
 Usage: ``python -m data.preprocess --input DIR_OR_FILES... --output ROOT``
 """
@@ -12,29 +16,44 @@ Usage: ``python -m data.preprocess --input DIR_OR_FILES... --output ROOT``
 from __future__ import annotations
 
 import argparse
+import collections
+import concurrent.futures
 import dataclasses
 import json
 import logging
 import math
+import multiprocessing
 import os
 import random
 import shutil
 import sys
-import wave
 from collections.abc import Iterable, Iterator, Sequence
 from fractions import Fraction
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import av
 import cv2
 import numpy as np
+import torch
+from tqdm import tqdm
 
-from data.audio import FPS, SAMPLE_RATE, AudioError, load_audio, save_wav
+from data.audio import (
+    FPS,
+    MIN_AUDIO_SECONDS,
+    SAMPLE_RATE,
+    AudioError,
+    decode_audio,
+    load_audio,
+    melspectrogram,
+    save_wav,
+)
 
 log = logging.getLogger(__name__)
 
 VIDEO_EXTS = frozenset({".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v", ".mpg", ".mpeg", ".flv"})
+MULTI_FACE_POLICIES = ("largest", "skip", "reject")
+DROP_REASONS = ("no_face", "tiny_face", "several_faces")
 
 Box = tuple[int, int, int, int]  # x1, y1, x2, y2 in pixels, x2/y2 exclusive
 
@@ -48,49 +67,155 @@ class ClipRejected(Exception):
 
 
 class FaceDetector(Protocol):
-    """Anything that finds the main face in a BGR frame (Haar now, S3FD later)."""
+    """Anything that finds faces in a full-resolution BGR frame (Haar, S3FD, a test stub).
 
-    def detect(self, frame_bgr: np.ndarray) -> Box | None:
-        """Return the box of the main face, or None when there is none."""
+    ``detect`` returns every face as ``(x1, y1, x2, y2)`` or ``(x1, y1, x2, y2, score)`` in the
+    frame's pixels; a single box or None is accepted too. Detectors may work on a downscaled copy
+    but must return full-resolution coordinates, and must be picklable for ``workers > 1``.
+    """
+
+    def detect(self, frame_bgr: np.ndarray) -> Sequence[Sequence[float]] | Box | None:
+        """Return the faces found in the frame."""
         ...
+
+
+@dataclasses.dataclass(frozen=True)
+class FacePolicy:
+    """What to do with each frame's detections, and how to turn a box into a crop.
+
+    Args:
+        min_face: Faces whose shorter side is below this many pixels are "tiny": a frame with only
+            tiny faces is dropped.
+        multi_face: With several faces of at least ``min_face``: ``largest`` keeps the largest,
+            ``skip`` drops the frame, ``reject`` rejects the whole clip.
+        smooth: Boxes are the mean over this many consecutive source frames, centred (1 = raw
+            boxes, as the original's preprocessing; its inference averages 5).
+        pads: Pixels added (top, bottom, left, right) after smoothing, clipped to the frame. The
+            original's training data used none; its inference default is (0, 10, 0, 0).
+    """
+
+    min_face: int = 40
+    multi_face: str = "largest"
+    smooth: int = 5
+    pads: tuple[int, int, int, int] = (0, 0, 0, 0)
+
+    def __post_init__(self) -> None:
+        if self.multi_face not in MULTI_FACE_POLICIES:
+            raise PreprocessError(f"multi_face must be one of {', '.join(MULTI_FACE_POLICIES)}, "
+                                  f"got {self.multi_face!r}")
+        if self.smooth < 1:
+            raise PreprocessError(f"smooth must be a window of 1 or more frames, got "
+                                  f"{self.smooth}; use 1 for raw boxes")
+        if len(self.pads) != 4:
+            raise PreprocessError(f"pads needs 4 values (top bottom left right), got {self.pads}")
+        if self.min_face < 1:
+            raise PreprocessError(f"min_face must be at least 1 pixel, got {self.min_face}")
 
 
 class HaarFaceDetector:
     """OpenCV's frontal-face Haar cascade; ships with opencv-python, so nothing to download.
 
     Args:
-        min_face: Faces whose shorter side is below this many pixels (full resolution) are ignored.
-        max_side: Frames with a longer side are downscaled to it before detection, for speed.
+        min_size: Smallest face side searched for, in full-resolution pixels.
+        max_side: Frames with a longer side are downscaled to it before detection, for speed;
+            boxes are returned at full resolution.
     """
 
-    def __init__(self, min_face: int = 40, max_side: int = 640) -> None:
-        path = Path(cv2.data.haarcascades) / "haarcascade_frontalface_default.xml"
-        self._cascade = cv2.CascadeClassifier(str(path))
-        if self._cascade.empty():
-            raise RuntimeError(f"cannot load {path}; install opencv-python-headless 4.x")
-        self.min_face = min_face
+    def __init__(self, min_size: int = 20, max_side: int = 360) -> None:
+        self.min_size = min_size
         self.max_side = max_side
+        self._cascade = self._load()
 
-    def detect(self, frame_bgr: np.ndarray) -> Box | None:
-        """Return the largest face at least ``min_face`` pixels wide, or None."""
+    @staticmethod
+    def _load() -> cv2.CascadeClassifier:
+        path = Path(cv2.data.haarcascades) / "haarcascade_frontalface_default.xml"
+        cascade = cv2.CascadeClassifier(str(path))
+        if cascade.empty():
+            raise RuntimeError(f"cannot load {path}; install opencv-python-headless 4.x")
+        return cascade
+
+    def __getstate__(self) -> dict[str, int]:
+        return {"min_size": self.min_size, "max_side": self.max_side}  # cascades do not pickle
+
+    def __setstate__(self, state: dict[str, int]) -> None:
+        self.__init__(**state)
+
+    def detect(self, frame_bgr: np.ndarray) -> list[Box]:
+        """Every face at least ``min_size`` pixels wide, in full-resolution pixels."""
         h, w = frame_bgr.shape[:2]
         scale = min(1.0, self.max_side / max(h, w))
         gray = cv2.cvtColor(frame_bgr, cv2.COLOR_BGR2GRAY)
         if scale < 1.0:
             size = (max(1, round(w * scale)), max(1, round(h * scale)))
             gray = cv2.resize(gray, size, interpolation=cv2.INTER_AREA)
-        min_px = max(1, int(self.min_face * scale))
+        min_px = max(1, int(self.min_size * scale))
         faces = self._cascade.detectMultiScale(
             cv2.equalizeHist(gray), scaleFactor=1.1, minNeighbors=5, minSize=(min_px, min_px)
         )
-        if len(faces) == 0:
-            return None
-        x, y, bw, bh = max(faces, key=lambda f: int(f[2]) * int(f[3]))
-        x1, y1 = max(0, round(x / scale)), max(0, round(y / scale))
-        x2, y2 = min(w, round((x + bw) / scale)), min(h, round((y + bh) / scale))
-        if min(x2 - x1, y2 - y1) < self.min_face:
-            return None
-        return x1, y1, x2, y2
+        boxes = []
+        for x, y, bw, bh in faces:
+            x1, y1 = max(0, round(x / scale)), max(0, round(y / scale))
+            x2, y2 = min(w, round((x + bw) / scale)), min(h, round((y + bh) / scale))
+            boxes.append((x1, y1, x2, y2))
+        return boxes
+
+
+def make_detector(
+    name: str = "haar", s3fd_weights: str | Path | None = None, min_face: int = 40
+) -> FaceDetector:
+    """Build a detector by name (``haar`` or ``s3fd``).
+
+    Raises:
+        PreprocessError: Unknown name, or S3FD without a readable weight file.
+    """
+    if name == "haar":
+        return HaarFaceDetector(min_size=max(1, min_face // 2))
+    if name == "s3fd":
+        from data.s3fd import S3FDError, S3FDFaceDetector
+
+        if not s3fd_weights:
+            raise PreprocessError("--detector s3fd needs --s3fd-weights PATH (the "
+                                  "s3fd-619a316812.pth file); or use --detector haar")
+        try:
+            return S3FDFaceDetector(s3fd_weights)
+        except S3FDError as exc:
+            raise PreprocessError(str(exc)) from None
+    raise PreprocessError(f"unknown detector {name!r}; choose haar or s3fd")
+
+
+def _as_boxes(found: Any) -> list[Box]:
+    """Normalise a detector's answer to a list of integer boxes."""
+    if found is None:
+        return []
+    if len(found) and np.isscalar(found[0]):
+        found = [found]
+    return [tuple(int(round(float(v))) for v in face[:4]) for face in found]
+
+
+def choose_face(faces: Sequence[Box], policy: FacePolicy) -> tuple[Box | None, str]:
+    """Apply the policy to one frame's faces.
+
+    Returns:
+        The chosen box and "" (or "several_faces" when the largest of several was picked), or,
+        for a dropped frame, None and its reason (one of DROP_REASONS).
+
+    Raises:
+        ClipRejected: Several faces under ``multi_face="reject"``.
+    """
+    valid = [f for f in faces if f[2] > f[0] and f[3] > f[1]]
+    if not valid:
+        return None, "no_face"
+    big = [f for f in valid if min(f[2] - f[0], f[3] - f[1]) >= policy.min_face]
+    if not big:
+        return None, "tiny_face"
+    if len(big) > 1:
+        if policy.multi_face == "skip":
+            return None, "several_faces"
+        if policy.multi_face == "reject":
+            raise ClipRejected(f"{len(big)} faces in one frame (--multi-face reject); crop the "
+                               f"video to one speaker or use --multi-face largest")
+    largest = max(big, key=lambda f: (f[2] - f[0]) * (f[3] - f[1]))
+    return largest, "several_faces" if len(big) > 1 else ""
 
 
 class _Timeline:
@@ -165,7 +290,12 @@ def timeline_sources(
 
 @dataclasses.dataclass
 class ClipRecord:
-    """Outcome for one input clip, as shown in the summary table and ``summary.json``."""
+    """Outcome for one input clip: the summary table row, ``summary.json`` and ``record.json``.
+
+    Frame counts are in 25 fps timeline frames; ``dropped`` splits ``frames_dropped`` by reason.
+    ``audio_offset`` is how much later the sound track starts than the first video frame (the
+    audio is padded or trimmed by it, so that sample 0 is at timeline index 0).
+    """
 
     name: str
     source: str
@@ -173,15 +303,25 @@ class ClipRecord:
     reason: str = ""
     frames_kept: int = 0
     frames_dropped: int = 0
+    dropped: dict[str, int] = dataclasses.field(default_factory=dict)
+    several_faces_kept: int = 0  # frames where ``largest`` picked one of several faces
     source_fps: float | None = None
+    source_frames: int = 0
+    variable_rate: bool = False
     audio_seconds: float | None = None
+    audio_offset: float = 0.0
     video_seconds: float | None = None
-    split: str = ""  # train | val | train+val | ""
+    split: str = ""  # train | val | test | train+val | ""
 
     @property
     def usable(self) -> bool:
         """Whether the clip folder exists and belongs in the filelists."""
         return self.status in ("ok", "skipped")
+
+    def drop(self, reason: str, count: int) -> None:
+        """Count ``count`` timeline frames dropped for ``reason``."""
+        self.frames_dropped += count
+        self.dropped[reason] = self.dropped.get(reason, 0) + count
 
 
 def find_clips(inputs: Sequence[str | Path], output: str | Path) -> list[tuple[str, Path]]:
@@ -189,7 +329,8 @@ def find_clips(inputs: Sequence[str | Path], output: str | Path) -> list[tuple[s
 
     Files keep their stem as the name (whatever their extension). Folders are searched
     recursively for video files; a clip's name is its path under the folder without extension,
-    e.g. ``main/spk1/00001.mp4`` under ``main`` gives ``spk1/00001``.
+    e.g. ``main/spk1/00001.mp4`` under ``main`` gives ``spk1/00001`` (LRS2's tree), and a flat
+    folder gives the file stems.
 
     Raises:
         PreprocessError: An input does not exist, or none holds a video.
@@ -216,10 +357,72 @@ def find_clips(inputs: Sequence[str | Path], output: str | Path) -> list[tuple[s
     return clips
 
 
+def _first_reason(exc: BaseException) -> str:
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
+def _smoothed(boxes: list[Box | None], pos: int, half: int) -> tuple[float, ...]:
+    """Mean of the kept boxes within ``half`` source frames of ``pos``."""
+    near = [b for b in boxes[max(0, pos - half): pos + half + 1] if b is not None]
+    return tuple(float(np.mean([b[k] for b in near])) for k in range(4))
+
+
+class _FaceWriter:
+    """Detects, smooths and writes face crops for a stream of source frames.
+
+    Smoothing is centred, so each frame waits for the boxes of the next ``smooth // 2`` frames;
+    only those few full-resolution frames are held in memory.
+    """
+
+    def __init__(
+        self, dest: Path | None, detector: FaceDetector, policy: FacePolicy, rec: ClipRecord
+    ) -> None:
+        self.dest, self.detector, self.policy, self.rec = dest, detector, policy, rec
+        self.half = policy.smooth // 2
+        self.boxes: list[Box | None] = []
+        self.pending: collections.deque[tuple[int, np.ndarray, range]] = collections.deque()
+
+    def add(self, frame: av.VideoFrame, owned: range) -> None:
+        if not owned:
+            return  # on screen for less than one timeline step: skip the pixel conversion
+        image = frame.to_ndarray(format="bgr24")
+        box, reason = choose_face(_as_boxes(self.detector.detect(image)), self.policy)
+        if box is None:
+            self.rec.drop(reason, len(owned))
+        elif reason:
+            self.rec.several_faces_kept += len(owned)
+        self.boxes.append(box)
+        if box is not None:
+            self.pending.append((len(self.boxes) - 1, image, owned))
+        while self.pending and self.pending[0][0] + self.half < len(self.boxes):
+            self._emit(*self.pending.popleft())
+
+    def finish(self) -> None:
+        while self.pending:
+            self._emit(*self.pending.popleft())
+
+    def _emit(self, pos: int, image: np.ndarray, owned: range) -> None:
+        h, w = image.shape[:2]
+        x1, y1, x2, y2 = _smoothed(self.boxes, pos, self.half)
+        top, bottom, left, right = self.policy.pads
+        x1, y1 = max(0, round(x1) - left), max(0, round(y1) - top)
+        x2, y2 = min(w, round(x2) + right), min(h, round(y2) + bottom)
+        if x2 <= x1 or y2 <= y1:  # a sloppy backend's box off the frame
+            self.rec.drop("no_face", len(owned))
+            return
+        if self.dest is not None:
+            ok, jpg = cv2.imencode(".jpg", image[y1:y2, x1:x2])
+            if not ok:
+                raise ClipRejected(f"cannot encode a {x2 - x1}x{y2 - y1} crop as JPEG")
+            for i in owned:
+                (self.dest / f"{i}.jpg").write_bytes(jpg.tobytes())
+        self.rec.frames_kept += len(owned)
+
+
 def _timed_frames(
     container: av.container.InputContainer, stream: av.video.stream.VideoStream
-) -> Iterator[tuple[av.VideoFrame, Fraction]]:
-    """Decoded frames with their start time relative to the first frame, in seconds."""
+) -> Iterator[tuple[av.VideoFrame, Fraction, Fraction]]:
+    """Decoded frames with their start time relative to the first frame, and the first's time."""
     rate = stream.average_rate or stream.guessed_rate
     step = Fraction(1, FPS) if not rate else 1 / Fraction(rate)
     start = t = None
@@ -232,68 +435,91 @@ def _timed_frames(
             t = t + step  # missing or backward stamp: assume the nominal rate
         else:
             t = raw - start
-        yield frame, t
+        yield frame, t, start or Fraction(0)
 
 
 def _extract_faces(
-    src: Path, dest: Path, detector: FaceDetector, rec: ClipRecord, max_seconds: float | None
-) -> None:
-    """Write the 25 fps timeline crops of ``src`` into ``dest``, counting frames in ``rec``."""
-    timeline = _Timeline(FPS, None if max_seconds is None else math.floor(max_seconds * FPS))
+    src: Path,
+    dest: Path | None,
+    detector: FaceDetector,
+    policy: FacePolicy,
+    rec: ClipRecord,
+    max_seconds: float | None,
+    max_frames: int | None = None,
+) -> Fraction:
+    """Write the 25 fps timeline crops of ``src`` into ``dest``, counting frames in ``rec``.
 
-    def emit(frame: av.VideoFrame, owned: range) -> None:
-        if not owned:
-            return  # on screen for less than one timeline step: skip the pixel conversion
-        image = frame.to_ndarray(format="bgr24")
-        box = detector.detect(image)
-        if box is not None:  # clamp, so a sloppy backend cannot produce an empty crop
-            h, w = image.shape[:2]
-            x1, y1 = max(0, int(box[0])), max(0, int(box[1]))
-            x2, y2 = min(w, int(box[2])), min(h, int(box[3]))
-        if box is None or x2 <= x1 or y2 <= y1:
-            rec.frames_dropped += len(owned)
-            return
-        ok, jpg = cv2.imencode(".jpg", image[y1:y2, x1:x2])
-        if not ok:
-            raise ClipRejected(f"cannot encode a {x2 - x1}x{y2 - y1} crop as JPEG")
-        for i in owned:
-            (dest / f"{i}.jpg").write_bytes(jpg.tobytes())
-        rec.frames_kept += len(owned)
-
+    Returns:
+        The presentation time of the first video frame, in seconds.
+    """
+    limit = None if max_seconds is None else math.floor(max_seconds * FPS)
+    timeline = _Timeline(FPS, limit)
+    writer = _FaceWriter(dest, detector, policy, rec)
+    gaps: list[Fraction] = []
+    first = Fraction(0)
     try:
         with av.open(str(src)) as container:
             if not container.streams.video:
-                raise ClipRejected("no video stream")
+                raise ClipRejected("no video stream; give a video file")
             stream = container.streams.video[0]
             stream.thread_type = "AUTO"
             rate = stream.average_rate or stream.guessed_rate
             rec.source_fps = round(float(rate), 3) if rate else None
             pending, t = None, Fraction(0)
-            for frame, t_next in _timed_frames(container, stream):
+            for frame, t_next, first in _timed_frames(container, stream):
+                rec.source_frames += 1
                 if pending is not None:
-                    emit(pending, timeline.until(t_next))
+                    gaps.append(t_next - t)
+                    writer.add(pending, timeline.until(t_next))
                 pending, t = frame, t_next
-                if timeline.full:
+                if timeline.full or (max_frames and rec.source_frames > max_frames):
+                    pending = None if max_frames else pending
                     break
-            if pending is None:
-                raise ClipRejected("no video frames decoded")
-            if not timeline.full:
+            if pending is None and rec.source_frames == 0:
+                raise ClipRejected("no video frames decoded; the file may be truncated")
+            if pending is not None and not timeline.full:
                 dur = (pending.duration or 0) * stream.time_base
                 end = t + (dur or (1 / Fraction(rate) if rate else Fraction(1, FPS)))
                 rec.video_seconds = round(float(end), 3)
-                emit(pending, timeline.finish(end))
+                writer.add(pending, timeline.finish(end))
+            writer.finish()
     except av.FFmpegError as exc:
-        raise ClipRejected(f"cannot decode video: {str(exc).splitlines()[0]}") from exc
-    if rec.frames_kept == 0:
-        raise ClipRejected(f"no face found in any of {rec.frames_dropped} timeline frames")
+        raise ClipRejected(f"cannot decode video: {_first_reason(exc)}") from exc
+    rec.variable_rate = bool(gaps) and max(gaps) - min(gaps) > Fraction(1, 1000)
+    if rec.frames_kept == 0 and not max_frames:
+        why = ", ".join(f"{k} {v}" for k, v in rec.dropped.items()) or "none decoded"
+        raise ClipRejected(f"no usable face in any of {rec.frames_dropped} timeline frames "
+                           f"({why}); check the video shows one face")
+    return first
 
 
-def _audio_seconds(path: Path) -> float | None:
+def _probe(src: Path) -> None:
+    """Reject files FFmpeg cannot open, in one line."""
     try:
-        with wave.open(str(path)) as wav:
-            return wav.getnframes() / wav.getframerate()
-    except (OSError, wave.Error):
-        return None
+        with av.open(str(src)) as container:
+            if not container.streams.video:
+                raise ClipRejected("no video stream; give a video file")
+    except av.FFmpegError as exc:
+        raise ClipRejected(f"unreadable file ({_first_reason(exc)}); check it is a complete "
+                           f"video") from exc
+
+
+def _finished_record(name: str, src: Path, dest: Path) -> ClipRecord:
+    """The record of a clip finished by an earlier run (or an existing LRS2 folder)."""
+    try:
+        data = json.loads((dest / "record.json").read_text())
+        fields = {f.name for f in dataclasses.fields(ClipRecord)}
+        rec = ClipRecord(**{k: v for k, v in data.items() if k in fields})
+    except (OSError, ValueError, TypeError):
+        rec = ClipRecord(name, str(src), frames_kept=sum(1 for _ in dest.glob("*.jpg")))
+    rec.name, rec.status, rec.reason, rec.split = name, "skipped", "already done", ""
+    return rec
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def process_clip(
@@ -302,18 +528,18 @@ def process_clip(
     output: Path,
     detector: FaceDetector,
     max_seconds: float | None = None,
+    policy: FacePolicy | None = None,
 ) -> ClipRecord:
     """Preprocess one clip into ``output / name``, atomically; never raises for a bad clip.
 
     Returns:
-        The record; status ``skipped`` when the clip folder is already complete.
+        The record; status ``skipped`` when the clip folder is already complete, ``rejected``
+        (with a one-line reason and no folder written) when the clip cannot be used.
     """
+    policy = policy or FacePolicy()
     dest = output / name
     if (dest / "audio.wav").is_file():
-        kept = sum(1 for p in dest.glob("*.jpg"))
-        return ClipRecord(
-            name, str(src), "skipped", "already done", kept, audio_seconds=_audio_seconds(dest)
-        )
+        return _finished_record(name, src, dest)
     rec = ClipRecord(name, str(src))
     tmp = output / f".tmp-{name.replace('/', '--')}"
     try:
@@ -321,23 +547,46 @@ def process_clip(
             raise ClipRejected("clip path has whitespace, which filelists cannot hold; rename it")
         if dest.exists():
             raise ClipRejected(f"{dest} exists but is not a finished clip; remove it")
-        wav = load_audio(src)
-        if max_seconds is not None:
-            wav = wav[: int(max_seconds * SAMPLE_RATE)]
-        rec.audio_seconds = round(len(wav) / SAMPLE_RATE, 3)
+        _probe(src)
+        try:
+            wav, audio_start = decode_audio(src)
+        except AudioError as exc:
+            reason = str(exc).removeprefix(f"{src}: ")
+            if "no audio stream" in reason:
+                probe = ClipRecord(name, str(src))
+                _extract_faces(src, None, detector, policy, probe, None, max_frames=1)
+                if not probe.frames_kept:
+                    reason += "; and no face in its first frame"
+            raise ClipRejected(reason) from exc
+        if len(wav) < MIN_AUDIO_SECONDS * SAMPLE_RATE:
+            raise ClipRejected(f"audio lasts {len(wav) / SAMPLE_RATE:.3f} s, shorter than one "
+                               f"{MIN_AUDIO_SECONDS:.1f} s mel window; give a longer clip")
         if tmp.exists():
             shutil.rmtree(tmp)  # left by an interrupted run
         tmp.mkdir(parents=True)
-        _extract_faces(src, tmp, detector, rec, max_seconds)
+        video_start = _extract_faces(src, tmp, detector, policy, rec, max_seconds)
+        # Put audio sample 0 at the first video frame: pad when the sound starts later.
+        shift = round((audio_start - float(video_start)) * SAMPLE_RATE)
+        rec.audio_offset = round(shift / SAMPLE_RATE, 4)
+        wav = torch.cat([torch.zeros(shift), wav]) if shift > 0 else wav[-shift:]
+        if max_seconds is not None:
+            wav = wav[: int(max_seconds * SAMPLE_RATE)]
+        if len(wav) < MIN_AUDIO_SECONDS * SAMPLE_RATE:
+            raise ClipRejected(f"audio overlapping the video lasts {len(wav) / SAMPLE_RATE:.3f}"
+                               f" s, under {MIN_AUDIO_SECONDS:.1f} s; check the clip's tracks")
+        rec.audio_seconds = round(len(wav) / SAMPLE_RATE, 3)
         save_wav(tmp / "audio.wav", wav)
+        # Mel of the stored 16-bit file, so the cache equals what the dataset would compute.
+        np.save(tmp / "mel.npy", melspectrogram(load_audio(tmp / "audio.wav")).numpy())
+        _write_atomic(tmp / "record.json", json.dumps(dataclasses.asdict(rec), indent=1) + "\n")
         dest.parent.mkdir(parents=True, exist_ok=True)
         os.replace(tmp, dest)
-    except (ClipRejected, AudioError) as exc:
-        rec.status, rec.reason = "rejected", str(exc).removeprefix(f"{src}: ")
+    except ClipRejected as exc:
+        # Keep the counts that explain the rejection; nothing was written, so nothing is kept.
+        rec.status, rec.reason, rec.frames_kept = "rejected", str(exc), 0
         log.warning("rejected %s: %s", src, rec.reason)
     except Exception as exc:  # one broken clip must not stop a long batch
-        first = str(exc).splitlines()[0] if str(exc) else ""
-        rec = ClipRecord(name, str(src), "rejected", f"{type(exc).__name__}: {first}")
+        rec = ClipRecord(name, str(src), "rejected", f"{type(exc).__name__}: {_first_reason(exc)}")
         log.warning("rejected %s: %s", src, rec.reason)
         log.debug("traceback for %s", src, exc_info=True)
     else:
@@ -354,58 +603,77 @@ def process_clip(
 
 
 def split_clips(
-    names: Iterable[str], val_fraction: float = 0.2, seed: int = 0
-) -> tuple[list[str], list[str]]:
-    """Split clip names into train and val, deterministically for a seed.
+    names: Iterable[str], val_fraction: float = 0.1, seed: int = 0, test_fraction: float = 0.1
+) -> dict[str, list[str]]:
+    """Split clip names into train, val and test, deterministically for a seed.
 
-    With two or more clips each side gets at least one; a single clip goes to both.
+    The order of ``names`` does not matter. With two or more clips train and val get at least
+    one each; test gets at least one when ``test_fraction > 0`` and three or more clips leave
+    room. A single clip goes to both train and val.
     """
     names = sorted(set(names))
     if len(names) < 2:
         if names:
             log.warning("only one clip (%s): it is used for both train and val", names[0])
-        return names, list(names)
+        return {"train": names, "val": list(names), "test": []}
     shuffled = list(names)
     random.Random(seed).shuffle(shuffled)
-    n_val = min(len(names) - 1, max(1, round(len(names) * val_fraction)))
-    return sorted(shuffled[n_val:]), sorted(shuffled[:n_val])
+    n = len(names)
+    n_test = max(1, round(n * test_fraction)) if test_fraction > 0 else 0
+    n_test = min(n_test, n - 2)
+    n_val = min(n - n_test - 1, max(1, round(n * val_fraction)))
+    return {
+        "train": sorted(shuffled[n_test + n_val:]),
+        "val": sorted(shuffled[n_test:n_test + n_val]),
+        "test": sorted(shuffled[:n_test]),
+    }
 
 
-def _write_lines(path: Path, lines: Sequence[str]) -> None:
-    tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text("".join(f"{line}\n" for line in lines))
-    os.replace(tmp, path)
+_WORKER: dict[str, Any] = {}
 
 
-def _previous_records(output: Path) -> dict[str, dict]:
-    try:
-        return {r["name"]: r for r in json.loads((output / "summary.json").read_text())}
-    except (OSError, ValueError, KeyError, TypeError):
-        return {}
+def _init_worker(detector: FaceDetector, policy: FacePolicy, threads: int) -> None:
+    _WORKER.update(detector=detector, policy=policy)
+    torch.set_num_threads(threads)  # workers share the cores instead of oversubscribing them
+    cv2.setNumThreads(threads)
+
+
+def _work(name: str, src: Path, output: Path, max_seconds: float | None) -> ClipRecord:
+    return process_clip(name, src, output, _WORKER["detector"], max_seconds, _WORKER["policy"])
 
 
 def preprocess(
     inputs: Sequence[str | Path],
     output: str | Path,
-    val_fraction: float = 0.2,
+    val_fraction: float = 0.1,
     seed: int = 0,
     min_face: int = 40,
     max_seconds: float | None = None,
     detector: FaceDetector | None = None,
+    *,
+    test_fraction: float = 0.1,
+    policy: FacePolicy | None = None,
+    workers: int = 1,
+    progress: bool = False,
 ) -> list[ClipRecord]:
-    """Preprocess videos into ``output`` and write ``train.txt``, ``val.txt``, ``summary.json``.
+    """Preprocess videos into ``output``; write the filelists, ``summary.json`` and a table.
 
-    Finished clip folders are skipped, so a re-run only adds what is missing. Filelists are
-    written only when at least one clip is usable; check the records' ``status``.
+    Finished clip folders are skipped, so a re-run only adds what is missing and an interrupted
+    run, re-run, ends with the same files as an uninterrupted one. Filelists are written only
+    when at least one clip is usable; check the records' ``status``.
 
     Args:
         inputs: Video files and/or folders searched recursively for videos.
         output: Root folder of the layout.
         val_fraction: Share of clips for validation (split by clip).
         seed: Seed of the split.
-        min_face: Smallest face side in pixels for the default detector.
+        min_face: Smallest face side in pixels (when ``policy`` is not given).
         max_seconds: Optional cap on the processed length of each clip (video and audio).
-        detector: Face detector; defaults to ``HaarFaceDetector(min_face)``.
+        detector: Face detector; defaults to ``HaarFaceDetector``.
+        test_fraction: Share of clips for ``test.txt``.
+        policy: What to do with missing, tiny and multiple faces, smoothing and padding.
+        workers: Clips processed in parallel processes (1: in this process).
+        progress: Show a progress bar on stderr.
 
     Returns:
         One record per input clip, in input order.
@@ -413,59 +681,89 @@ def preprocess(
     Raises:
         PreprocessError: Bad arguments, a missing input, or no video among the inputs.
     """
-    if not 0.0 <= val_fraction < 1.0:
-        raise PreprocessError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if not (0.0 <= val_fraction < 1.0 and 0.0 <= test_fraction < 1.0
+            and val_fraction + test_fraction < 1.0):
+        raise PreprocessError(f"val_fraction {val_fraction} and test_fraction {test_fraction} "
+                              f"must each be in [0, 1) and sum to less than 1")
+    if workers < 1:
+        raise PreprocessError(f"workers must be 1 or more, got {workers}")
+    policy = policy or FacePolicy(min_face=min_face)
     output = Path(output)
     clips = find_clips(inputs, output)
     output.mkdir(parents=True, exist_ok=True)
-    detector = detector or HaarFaceDetector(min_face=min_face)
-    previous = _previous_records(output)
+    detector = detector or HaarFaceDetector(min_size=max(1, policy.min_face // 2))
 
-    records: list[ClipRecord] = []
+    records: dict[int, ClipRecord] = {}
+    todo: list[tuple[int, str, Path]] = []
     seen: set[str] = set()
-    for name, src in clips:
+    for k, (name, src) in enumerate(clips):
         if name in seen:
-            records.append(ClipRecord(name, str(src), "rejected", "duplicate clip name"))
-            continue
-        seen.add(name)
-        rec = process_clip(name, src, output, detector, max_seconds)
-        if rec.status == "skipped" and name in previous:
-            old = previous[name]
-            rec.frames_dropped = old.get("frames_dropped", 0)
-            rec.source_fps = old.get("source_fps")
-            rec.video_seconds = old.get("video_seconds")
-        records.append(rec)
+            records[k] = ClipRecord(name, str(src), "rejected", "duplicate clip name")
+        else:
+            seen.add(name)
+            todo.append((k, name, src))
+    bar = tqdm(total=len(todo), unit="clip", desc="preprocess", disable=not progress)
+    if workers == 1 or len(todo) < 2:
+        for k, name, src in todo:
+            records[k] = process_clip(name, src, output, detector, max_seconds, policy)
+            bar.update()
+    else:
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        # Spawned, not forked: a fork of a process whose torch/OpenMP threads hold a lock
+        # (e.g. inside pytest or a notebook) can leave the workers waiting forever.
+        context = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(
+            workers, context, initializer=_init_worker, initargs=(detector, policy, threads)
+        ) as pool:
+            futures = {pool.submit(_work, name, src, output, max_seconds): k
+                       for k, name, src in todo}
+            for future in concurrent.futures.as_completed(futures):
+                records[futures[future]] = future.result()
+                bar.update()
+    bar.close()
+    ordered = [records[k] for k in range(len(clips))]
 
-    usable = [r.name for r in records if r.usable]
+    usable = [r.name for r in ordered if r.usable]
     if usable:
-        train, val = split_clips(usable, val_fraction, seed)
-        for rec in records:
+        splits = split_clips(usable, val_fraction, seed, test_fraction)
+        for rec in ordered:
             if rec.usable:
-                rec.split = "+".join(s for s, names in (("train", train), ("val", val))
-                                     if rec.name in names)
-        _write_lines(output / "train.txt", train)
-        _write_lines(output / "val.txt", val)
-    (output / "summary.json").write_text(
-        json.dumps([dataclasses.asdict(r) for r in records], indent=1) + "\n"
-    )
-    return records
+                rec.split = "+".join(s for s, names in splits.items() if rec.name in names)
+        for split, names in splits.items():
+            if names:
+                _write_atomic(output / f"{split}.txt", "".join(f"{n}\n" for n in names))
+            elif split == "test":
+                (output / "test.txt").unlink(missing_ok=True)  # stale from a larger run
+    _write_atomic(output / "summary.json",
+                  json.dumps([dataclasses.asdict(r) for r in ordered], indent=1) + "\n")
+    _write_atomic(output / "summary.txt", format_summary(ordered) + "\n")
+    return ordered
 
 
 def format_summary(records: Sequence[ClipRecord]) -> str:
-    """Render records as a fixed-width table."""
+    """Render records as a fixed-width table.
+
+    Columns: timeline frames kept and dropped (in all, then by reason), the source frame rate
+    (``v`` marks a variable rate), the audio duration and the status with the split.
+    """
     width = max([4] + [len(r.name) for r in records])
-    head = f"{'clip':<{width}}  {'kept':>5}  {'drop':>5}  {'fps':>6}  {'audio_s':>7}  status"
+    head = (f"{'clip':<{width}}  {'kept':>5}  {'drop':>5}  {'noface':>6}  {'tiny':>5}  "
+            f"{'multi':>5}  {'src_fps':>8}  {'audio_s':>7}  status")
     rows = [head, "-" * len(head)]
     for r in records:
-        fps = f"{r.source_fps:.2f}" if r.source_fps else "-"
+        fps = f"{r.source_fps:.2f}{'v' if r.variable_rate else ''}" if r.source_fps else "-"
         dur = f"{r.audio_seconds:.2f}" if r.audio_seconds is not None else "-"
         status = f"{r.status} ({r.reason})" if r.reason else r.status
         if r.split:
             status += f" [{r.split}]"
+        counts = [r.dropped.get(k, 0) for k in DROP_REASONS]
         rows.append(
-            f"{r.name:<{width}}  {r.frames_kept:>5}  {r.frames_dropped:>5}  {fps:>6}  "
-            f"{dur:>7}  {status}"
+            f"{r.name:<{width}}  {r.frames_kept:>5}  {r.frames_dropped:>5}  {counts[0]:>6}  "
+            f"{counts[1]:>5}  {counts[2]:>5}  {fps:>8}  {dur:>7}  {status}"
         )
+    ok = [r for r in records if r.usable]
+    rows.append(f"{len(ok)}/{len(records)} clips usable, {sum(r.frames_kept for r in ok)} frames "
+                f"kept, {sum(r.frames_dropped for r in ok)} dropped")
     return "\n".join(rows)
 
 
@@ -474,29 +772,44 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m data.preprocess", description=__doc__.splitlines()[0]
     )
-    parser.add_argument("--input", nargs="+", required=True, type=Path, help="videos or folders")
+    parser.add_argument("--input", nargs="+", required=True, type=Path,
+                        help="videos, a flat folder of videos, or LRS2's main/ tree")
     parser.add_argument("--output", required=True, type=Path, help="root of the layout")
-    parser.add_argument("--val-fraction", type=float, default=0.2)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--val-fraction", type=float, default=0.1)
+    parser.add_argument("--test-fraction", type=float, default=0.1)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the train/val/test split")
+    parser.add_argument("--workers", type=int, default=1, help="clips processed in parallel")
+    parser.add_argument("--detector", choices=("haar", "s3fd"), default="haar")
+    parser.add_argument("--s3fd-weights", type=Path, default=None, help="s3fd-619a316812.pth")
     parser.add_argument("--min-face", type=int, default=40, help="smallest face side, pixels")
+    parser.add_argument("--multi-face", choices=MULTI_FACE_POLICIES, default="largest",
+                        help="frames with several faces: keep the largest, skip, or reject clip")
+    parser.add_argument("--smooth", type=int, default=5,
+                        help="box smoothing window in frames (1: raw boxes)")
+    parser.add_argument("--pads", type=int, nargs=4, default=[0, 0, 0, 0],
+                        metavar=("TOP", "BOTTOM", "LEFT", "RIGHT"),
+                        help="pixels added around each box (original inference: 0 10 0 0)")
     parser.add_argument("--max-seconds", type=float, default=None, help="cap per clip")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
     try:
+        policy = FacePolicy(args.min_face, args.multi_face, args.smooth, tuple(args.pads))
+        detector = make_detector(args.detector, args.s3fd_weights, args.min_face)
         records = preprocess(
-            args.input, args.output, args.val_fraction, args.seed, args.min_face, args.max_seconds
+            args.input, args.output, args.val_fraction, args.seed, args.min_face,
+            args.max_seconds, detector, test_fraction=args.test_fraction, policy=policy,
+            workers=args.workers, progress=True,
         )
     except PreprocessError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(format_summary(records))
-    usable = sum(r.usable for r in records)
-    if not usable:
+    if not any(r.usable for r in records):
         print(f"error: no clip could be used ({len(records)} rejected); see the reasons above",
               file=sys.stderr)
         return 1
-    print(f"{usable}/{len(records)} clips ready in {args.output}")
+    print(f"clips ready in {args.output} (filelists, summary.json, summary.txt)")
     return 0
 
 

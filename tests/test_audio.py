@@ -120,3 +120,94 @@ def test_load_errors_are_one_line(tmp_path: Path, name: str, match: str) -> None
         audio.load_audio(path)
     assert "\n" not in str(info.value) and str(path) in str(info.value)
     assert isinstance(info.value, ValueError)
+
+
+# --- resampled input, formats, silence ---------------------------------------------------------
+
+
+def read_pcm16(path: Path) -> tuple[np.ndarray, int]:
+    """(samples, channels) float64 in [-1, 1] and the rate, read without FFmpeg."""
+    import wave
+
+    with wave.open(str(path)) as wav:
+        raw = np.frombuffer(wav.readframes(wav.getnframes()), "<i2")
+        return raw.reshape(-1, wav.getnchannels()) / 32768.0, wav.getframerate()
+
+
+@pytest.mark.parametrize(
+    ("name", "up", "down"),
+    [("aud_retalking1_44k1_stereo.wav", 160, 441), ("aud_retalking2_48k_stereo.wav", 1, 3)],
+)
+def test_resampled_stereo_matches_reference(
+    samples_dir: Path, name: str, up: int, down: int
+) -> None:
+    # Ours: PyAV decode + libswresample + channel mean. Reference: plain channel mean and scipy's
+    # polyphase resampler. Resamplers legitimately differ near the 7.6 kHz top band, so bins
+    # 70-79 and the two edge frames on each side are left out.
+    path = samples_dir / name
+    ours = audio.load_audio(path).numpy()
+    pcm, rate = read_pcm16(path)
+    ref = signal.resample_poly(pcm.mean(axis=1), up, down)
+    assert rate * up // down == 16000 and abs(len(ours) - len(ref)) <= 2
+    n = min(len(ours), len(ref))
+    diff = np.abs(audio.melspectrogram(ours[:n]).numpy() - reference_mel(ref[:n]))[:70, 2:-2]
+    assert diff.mean() <= 0.015 and diff.max() <= 0.1, (diff.mean(), diff.max())
+
+
+def _tone(rate: int, seconds: float = 1.0) -> np.ndarray:
+    t = np.arange(int(rate * seconds)) / rate
+    return 0.5 * np.sin(2 * np.pi * 440 * t)
+
+
+def test_wav_24bit_stereo_downmixes_to_the_mean(tmp_path: Path) -> None:
+    import wave
+
+    left = _tone(48000)
+    pcm = np.stack([left, np.zeros_like(left)], axis=1)  # mean = half the tone
+    ints = np.round(pcm * (2**23 - 1)).astype("<i4")
+    packed = ints.view(np.uint8).reshape(-1, 4)[:, :3].tobytes()  # little-endian 24-bit
+    with wave.open(str(tmp_path / "a.wav"), "wb") as out:
+        out.setnchannels(2)
+        out.setsampwidth(3)
+        out.setframerate(48000)
+        out.writeframes(packed)
+    wav = audio.load_audio(tmp_path / "a.wav").numpy()
+    ref = signal.resample_poly(pcm.mean(axis=1), 1, 3)
+    assert abs(len(wav) - 16000) <= 1
+    n = min(len(wav), len(ref))
+    assert np.abs(wav[100:n - 100] - ref[100:n - 100]).max() < 2e-3
+
+
+def test_mp3_decodes_at_16k(tmp_path: Path) -> None:
+    import av
+
+    tone = _tone(44100).astype(np.float32)
+    with av.open(str(tmp_path / "a.mp3"), "w") as out:
+        stream = out.add_stream("libmp3lame", rate=44100)
+        stream.layout = "mono"
+        for start in range(0, len(tone), 1152):
+            frame = av.AudioFrame.from_ndarray(tone[None, start:start + 1152], format="fltp",
+                                               layout="mono")
+            frame.sample_rate, frame.pts = 44100, start
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode())
+    wav = audio.load_audio(tmp_path / "a.mp3").numpy()
+    assert abs(len(wav) - 16000) <= 16  # within 1 ms: encoder padding is trimmed
+    ref = signal.resample_poly(tone.astype(np.float64), 160, 441)
+    n = min(len(wav), len(ref))
+    corr = np.corrcoef(wav[800:n - 800], ref[800:n - 800])[0, 1]
+    assert corr > 0.99, corr
+
+
+@pytest.mark.parametrize("level", [0.0, 1e-9, 1e-6])
+def test_silence_and_near_silence_give_finite_floor_mels(level: float) -> None:
+    wav = torch.randn(16000, generator=torch.Generator().manual_seed(0)) * level
+    mel = audio.melspectrogram(wav)
+    assert torch.isfinite(mel).all() and mel.min() >= -audio.MAX_ABS
+    assert mel.max() < -3.0  # at or near the -100 dB floor
+
+
+def test_decode_audio_reports_start_time(tmp_path: Path) -> None:
+    audio.save_wav(tmp_path / "a.wav", torch.zeros(8000))
+    wav, start = audio.decode_audio(tmp_path / "a.wav")
+    assert len(wav) == 8000 and start == 0.0

@@ -1,14 +1,24 @@
-"""Training windows on a generated layout: shapes, masking, mel indexing and bad folders."""
+"""Training windows on a generated layout: shapes, masking, mel indexing, formats, bad folders."""
 
 import shutil
 from pathlib import Path
 
 import cv2
+import numpy as np
 import pytest
 import torch
 
-from data.audio import MEL_STEP
-from data.dataset import DataError, Wav2LipDataModule, WindowDataset, mel_start
+from data import pack
+from data.audio import MEL_STEP, load_audio, melspectrogram
+from data.dataset import (
+    MEL_CACHE,
+    PACKED_FRAMES,
+    DataError,
+    Wav2LipDataModule,
+    WindowDataset,
+    load_mel,
+    mel_start,
+)
 from data.synthetic import make_synthetic_dataset
 
 
@@ -94,3 +104,56 @@ def test_clip_too_short_for_window_and_reference(sample_root: Path, tmp_path: Pa
     with pytest.raises(DataError, match="too short") as err:
         WindowDataset(root, "train", length=1)
     assert "\n" not in str(err.value) and "15 frames" in str(err.value)
+
+
+# --- mel cache, packed format, bad filelists ----------------------------------------------------
+
+
+def test_mel_is_cached_once_per_clip(sample_root: Path) -> None:
+    clip_dir = sample_root / "synthetic" / "clip00"
+    cache = clip_dir / MEL_CACHE
+    cache.unlink(missing_ok=True)
+    mel = load_mel(clip_dir)
+    assert cache.is_file()
+    assert torch.equal(mel, melspectrogram(load_audio(clip_dir / "audio.wav")))
+    stamp = cache.stat().st_mtime_ns
+    assert torch.equal(load_mel(clip_dir), mel) and cache.stat().st_mtime_ns == stamp
+
+
+def test_packed_samples_equal_jpg_samples(sample_root: Path, tmp_path: Path) -> None:
+    root = tmp_path / "packed"
+    shutil.copytree(sample_root, root)
+    with pytest.raises(DataError, match="is not packed; run `python -m data.pack"):
+        WindowDataset(root, "train", length=1, data_format="packed")
+    assert pack.main([str(root), "--workers", "1"]) == 0
+    assert pack.pack_root(root) == (0, 3)  # idempotent: nothing left to pack
+    frames = np.load(root / "synthetic" / "clip01" / PACKED_FRAMES, mmap_mode="r")
+    assert frames.dtype == np.uint8 and frames.shape == (75, 96, 96, 3)
+    jpg = WindowDataset(root, "train", length=6, deterministic=True)
+    packed = WindowDataset(root, "train", length=6, deterministic=True, data_format="packed")
+    for i in range(6):
+        a, b = jpg[i], packed[i]
+        for key in ("face", "mel", "target"):
+            assert torch.equal(a[key], b[key]), key
+
+
+def test_datamodule_packs_on_prepare(tmp_path: Path) -> None:
+    datamodule = Wav2LipDataModule(str(tmp_path / "gen"), batch_size=2, train_samples=2,
+                                   val_samples=2, synthetic=True, format="packed")
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    batch = next(iter(datamodule.train_dataloader()))
+    assert batch["face"].shape == (2, 6, 5, 96, 96) and batch["mel"].shape == (2, 5, 1, 80, 16)
+    with pytest.raises(DataError, match="data.format must be one of jpg, packed"):
+        Wav2LipDataModule(str(tmp_path), format="png")
+
+
+def test_filelist_naming_missing_clips_is_one_line(sample_root: Path, tmp_path: Path) -> None:
+    root = tmp_path / "missing"
+    shutil.copytree(sample_root, root)
+    (root / "train.txt").write_text("synthetic/clip01\nsynthetic/gone1\nspk/gone2\n")
+    with pytest.raises(DataError, match=r"2 of 3 clips listed in .*train.txt are missing") as err:
+        Wav2LipDataModule(str(root)).setup("fit")
+    assert "\n" not in str(err.value) and "synthetic/gone1" in str(err.value)
+    assert pack.main([str(root)]) == 2
+    assert not (root / "synthetic" / "clip01" / PACKED_FRAMES).exists(), "no partial output"

@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
 import wave
 from fractions import Fraction
 from pathlib import Path
@@ -11,10 +17,22 @@ import av
 import cv2
 import numpy as np
 import pytest
+import torch
 
 from data import preprocess as pp
+from data.audio import load_audio, melspectrogram
 
-REAL_CLIPS = ("vid_retalking2_844sq_25fps.mp4", "vid_retalking4_700sq_30fps.mp4")
+REAL_CLIPS = (
+    "vid_retalking2_844sq_25fps.mp4",
+    "vid_retalking4_700sq_30fps.mp4",
+    "vid_sadtalker_katiehill_512_mpeg4.mp4",
+)
+# Timeline frames (25 fps), source rate and audio seconds of each sample (shared/SOURCES.md).
+REAL_FACTS = {
+    "vid_retalking2_844sq_25fps": (125, 25.0, 5.02),
+    "vid_retalking4_700sq_30fps": (165, 30.0, 6.59),
+    "vid_sadtalker_katiehill_512_mpeg4": (200, 25.0, 8.0),
+}
 
 
 # --- 25 fps timeline --------------------------------------------------------------------------
@@ -52,14 +70,17 @@ def test_timeline_duplicates_slow_and_variable_rate() -> None:
 
 
 def test_split_rules() -> None:
-    names = [f"spk{k % 3}/{k:05d}" for k in range(10)]
-    train, val = pp.split_clips(names, 0.2, seed=0)
-    assert len(val) == 2 and len(train) == 8 and not set(train) & set(val)
-    assert pp.split_clips(reversed(names), 0.2, seed=0) == (train, val)
-    assert pp.split_clips(names, 0.2, seed=1) != (train, val)
-    assert pp.split_clips(["a", "b"], 0.0) in ((["a"], ["b"]), (["b"], ["a"]))
-    assert pp.split_clips(["a", "b"], 0.9)[0]  # train keeps one
-    assert pp.split_clips(["only"]) == (["only"], ["only"])
+    names = [f"spk{k % 3}/{k:05d}" for k in range(20)]
+    splits = pp.split_clips(names, 0.1, seed=0, test_fraction=0.1)
+    assert [len(splits[k]) for k in ("train", "val", "test")] == [16, 2, 2]
+    assert sorted(sum(splits.values(), [])) == sorted(names), "every clip in exactly one split"
+    assert pp.split_clips(reversed(names), 0.1, seed=0, test_fraction=0.1) == splits
+    assert pp.split_clips(names, 0.1, seed=1, test_fraction=0.1) != splits
+    assert pp.split_clips(["a", "b"], 0.0)["test"] == []
+    assert sorted(pp.split_clips(["a", "b"], 0.0)["train"] + pp.split_clips(["a", "b"])["val"])
+    assert [len(v) for v in pp.split_clips(["a", "b", "c"], 0.1, 0, 0.1).values()] == [1, 1, 1]
+    assert pp.split_clips(["a", "b"], 0.9)["train"]  # train keeps one
+    assert pp.split_clips(["only"]) == {"train": ["only"], "val": ["only"], "test": []}
 
 
 def test_find_clips_names_nested_paths(tmp_path: Path) -> None:
@@ -90,7 +111,13 @@ def test_cli_missing_input_is_one_line_exit_2(tmp_path: Path, capsys) -> None:
 # --- synthetic clips (no shared media needed) -------------------------------------------------
 
 
-def make_clip(path: Path, fps: int = 30, seconds: float = 1.0, audio: bool = True) -> None:
+def make_clip(
+    path: Path,
+    fps: int = 30,
+    seconds: float = 1.0,
+    audio: bool = True,
+    audio_seconds: float | None = None,
+) -> None:
     """A tiny H.264 clip of noise frames with a 440 Hz tone."""
     rng = np.random.default_rng(0)
     with av.open(str(path), "w") as out:
@@ -103,7 +130,7 @@ def make_clip(path: Path, fps: int = 30, seconds: float = 1.0, audio: bool = Tru
             out.mux(video.encode(av.VideoFrame.from_ndarray(img, format="bgr24")))
         out.mux(video.encode())
         if tone is not None:
-            t = np.arange(round(44100 * seconds)) / 44100
+            t = np.arange(round(44100 * (audio_seconds or seconds))) / 44100
             pcm = (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)[None]
             for start in range(0, pcm.shape[1], 1024):
                 frame = av.AudioFrame.from_ndarray(
@@ -155,6 +182,9 @@ def test_synthetic_layout_with_stub_detector(synthetic: Path, tmp_path: Path) ->
     jpgs = sorted(int(p.stem) for p in (out / "spk" / "a30").glob("*.jpg"))
     assert len(jpgs) == a30.frames_kept and max(jpgs) <= 49
     assert cv2.imread(str(out / "spk" / "a30" / f"{jpgs[0]}.jpg")).shape == (56, 48, 3)
+    # The cached mel is exactly what the dataset would compute from audio.wav.
+    mel = melspectrogram(load_audio(out / "spk" / "a30" / "audio.wav"))
+    assert torch.equal(torch.from_numpy(np.load(out / "spk" / "a30" / "mel.npy")), mel)
     assert by_name["mute"].status == "rejected" and "no audio" in by_name["mute"].reason
     assert not list(out.glob(".tmp-*")) and not (out / "mute").exists()
     train = (out / "train.txt").read_text().split()
@@ -167,11 +197,12 @@ def test_crash_and_no_face_reject_cleanly(synthetic: Path, tmp_path: Path) -> No
     clip = synthetic / "spk" / "b25.mp4"
     rec = pp.preprocess([clip], tmp_path / "crash", detector=Exploding())[0]
     assert rec.status == "rejected" and rec.reason == "RuntimeError: detector crashed"
-    assert [p.name for p in (tmp_path / "crash").iterdir()] == ["summary.json"]
+    written = sorted(p.name for p in (tmp_path / "crash").iterdir())
+    assert written == ["summary.json", "summary.txt"]
     assert not (tmp_path / "crash" / "train.txt").exists()
 
     rec = pp.preprocess([clip], tmp_path / "noface")[0]  # Haar finds nothing in noise
-    assert rec.status == "rejected" and rec.reason.startswith("no face")
+    assert rec.status == "rejected" and rec.reason.startswith("no usable face")
     assert rec.frames_dropped == 25 and not list((tmp_path / "noface").glob(".tmp-*"))
 
 
@@ -181,31 +212,42 @@ def test_crash_and_no_face_reject_cleanly(synthetic: Path, tmp_path: Path) -> No
 @pytest.fixture(scope="module")
 def real_root(samples_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     out = tmp_path_factory.mktemp("lrs2")
-    records = pp.preprocess([samples_dir / name for name in REAL_CLIPS], out)
+    records = pp.preprocess([samples_dir / name for name in REAL_CLIPS], out, workers=2)
     return out, records
 
 
 @pytest.mark.slow
 def test_real_clips_layout(real_root) -> None:
     out, records = real_root
-    expected = {"vid_retalking2_844sq_25fps": 125, "vid_retalking4_700sq_30fps": 165}
+    summary = {r["name"]: r for r in json.loads((out / "summary.json").read_text())}
+    assert set(summary) == set(REAL_FACTS)
     for rec in records:
+        frames, fps, seconds = REAL_FACTS[rec.name]
         assert rec.status == "ok", rec.reason
-        assert rec.frames_kept + rec.frames_dropped == expected[rec.name]
-        assert rec.frames_kept > 0.8 * expected[rec.name]
+        assert rec.frames_kept + rec.frames_dropped == frames
+        assert rec.frames_kept > 0.8 * frames
+        assert rec.source_fps == fps and not rec.variable_rate
+        assert abs(rec.audio_seconds - seconds) < 0.05
+        row = summary[rec.name]  # what the summary reports for each clip
+        assert (row["frames_kept"], row["frames_dropped"]) == (rec.frames_kept, rec.frames_dropped)
+        assert row["source_fps"] == fps and row["audio_seconds"] == rec.audio_seconds
+        assert json.loads((out / rec.name / "record.json").read_text())["frames_kept"] == (
+            rec.frames_kept)
         clip = out / rec.name
         indices = sorted(int(p.stem) for p in clip.glob("*.jpg"))
-        assert len(indices) == rec.frames_kept and indices[-1] < expected[rec.name]
+        assert len(indices) == rec.frames_kept and indices[-1] < frames
         for i in indices[:: max(1, len(indices) // 5)]:
             h, w = cv2.imread(str(clip / f"{i}.jpg")).shape[:2]
             assert 50 < min(h, w) and max(h, w) < 844
         with wave.open(str(clip / "audio.wav")) as wav:
             assert (wav.getframerate(), wav.getnchannels(), wav.getsampwidth()) == (16000, 1, 2)
-            assert abs(wav.getnframes() / 16000 - expected[rec.name] / 25) < 0.1
-    train = (out / "train.txt").read_text().split()
-    val = (out / "val.txt").read_text().split()
-    assert train and val and not set(train) & set(val)
-    assert sorted(train + val) == sorted(expected)
+            assert abs(wav.getnframes() / 16000 - frames / 25) < 0.1
+        assert np.load(clip / "mel.npy").shape == (80, 1 + int(rec.audio_seconds * 16000) // 200)
+    splits = [(out / f"{s}.txt").read_text().split() for s in ("train", "val", "test")]
+    assert all(len(names) == 1 for names in splits)
+    assert sorted(sum(splits, [])) == sorted(REAL_FACTS)
+    table = (out / "summary.txt").read_text()
+    assert "src_fps" in table and "30.00" in table and "3/3 clips usable" in table
 
 
 @pytest.mark.slow
@@ -213,7 +255,7 @@ def test_real_rerun_is_noop(real_root, samples_dir: Path) -> None:
     out, first = real_root
     stamp = {p: p.stat().st_mtime_ns for p in out.rglob("*.jpg")}
     again = pp.preprocess([samples_dir / name for name in REAL_CLIPS], out)
-    assert [r.status for r in again] == ["skipped", "skipped"]
+    assert [r.status for r in again] == ["skipped"] * 3
     assert [r.frames_kept for r in again] == [r.frames_kept for r in first]
     assert [r.split for r in again] == [r.split for r in first]
     assert stamp == {p: p.stat().st_mtime_ns for p in out.rglob("*.jpg")}
@@ -228,5 +270,175 @@ def test_photos_rejected_without_traceback(samples_dir: Path, tmp_path: Path, ca
     errors = [line for line in captured.err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1
     assert captured.out.count("no audio stream") == 2
+    assert captured.out.count("no face in its first frame") == 1  # only the horses
     assert not (tmp_path / "o" / "train.txt").exists()
     assert not (tmp_path / "o" / "val.txt").exists()
+
+
+# --- face policy, smoothing, padding, reduced-scale detection ----------------------------------
+
+
+def test_choose_face_policy() -> None:
+    policy = pp.FacePolicy(min_face=40)
+    big, small, other = (0, 0, 100, 120), (0, 0, 30, 30), (200, 0, 260, 60)
+    assert pp.choose_face([], policy) == (None, "no_face")
+    assert pp.choose_face([small], policy) == (None, "tiny_face")
+    assert pp.choose_face([small, big], policy) == (big, "")
+    assert pp.choose_face([other, big], policy) == (big, "several_faces")
+    skip = pp.FacePolicy(min_face=40, multi_face="skip")
+    assert pp.choose_face([other, big], skip) == (None, "several_faces")
+    with pytest.raises(pp.ClipRejected, match="2 faces in one frame"):
+        pp.choose_face([other, big], pp.FacePolicy(multi_face="reject"))
+    with pytest.raises(pp.PreprocessError, match="multi_face must be one of"):
+        pp.FacePolicy(multi_face="first")
+    with pytest.raises(pp.PreprocessError, match="smooth"):
+        pp.FacePolicy(smooth=0)
+
+
+class Jitter:
+    """Boxes alternating by +-4 px, so smoothing is visible in the crop sizes."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def detect(self, frame_bgr: np.ndarray) -> list[pp.Box]:
+        self.calls += 1
+        d = 4 if self.calls % 2 else -4
+        return [(10, 10, 50 + d, 50 + d)]
+
+
+class TwoFaces:
+    def detect(self, frame_bgr: np.ndarray) -> list[pp.Box]:
+        return [(0, 0, 44, 44), (10, 10, 60, 60)]
+
+
+def _crop_sizes(root: Path, name: str) -> set[tuple[int, int]]:
+    return {cv2.imread(str(p)).shape[:2] for p in (root / name).glob("*.jpg")}
+
+
+def test_smoothing_padding_and_multi_face_counts(synthetic: Path, tmp_path: Path) -> None:
+    clip = synthetic / "spk" / "b25.mp4"
+    pp.preprocess([clip], tmp_path / "raw", detector=Jitter(), policy=pp.FacePolicy(20, smooth=1))
+    assert _crop_sizes(tmp_path / "raw", "b25") == {(36, 36), (44, 44)}
+    pp.preprocess([clip], tmp_path / "smooth", detector=Jitter(),
+                  policy=pp.FacePolicy(20, smooth=5, pads=(0, 10, 2, 3)))
+    sizes = _crop_sizes(tmp_path / "smooth", "b25")
+    # Interior frames average 5 alternating boxes: 40 +- 1.6 px, then 10 px down, 5 px across.
+    assert all(48 <= h <= 52 and 43 <= w <= 47 for h, w in sizes), sizes
+
+    rec = pp.preprocess([clip], tmp_path / "two", detector=TwoFaces())[0]
+    assert rec.status == "ok" and rec.several_faces_kept == 25
+    assert _crop_sizes(tmp_path / "two", "b25") == {(50, 50)}  # the largest face
+    rec = pp.preprocess([clip], tmp_path / "skip", detector=TwoFaces(),
+                        policy=pp.FacePolicy(multi_face="skip"))[0]
+    assert rec.status == "rejected" and rec.dropped == {"several_faces": 25}
+    rec = pp.preprocess([clip], tmp_path / "rej", detector=TwoFaces(),
+                        policy=pp.FacePolicy(multi_face="reject"))[0]
+    assert rec.status == "rejected" and "faces in one frame" in rec.reason
+    assert not (tmp_path / "rej" / "b25").exists()
+
+
+def test_haar_detects_at_reduced_scale_in_full_resolution_pixels(samples_dir: Path) -> None:
+    photo = cv2.imread(str(samples_dir / "img_obama_single.jpg"))
+    detector = pp.HaarFaceDetector(max_side=360)
+    (box,) = detector.detect(photo)
+    big = cv2.resize(photo, None, fx=2, fy=2)  # 1820x2274, beyond 1080p
+    (big_box,) = detector.detect(big)
+    assert all(abs(b - 2 * a) <= 0.05 * (box[2] - box[0]) for a, b in zip(box, big_box))
+    assert big_box[2] <= big.shape[1] and big_box[3] <= big.shape[0]
+
+
+# --- bad input: one line, no partial output ----------------------------------------------------
+
+
+def test_bad_clips_are_rejected_in_one_line(synthetic: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "junk.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(200))
+    make_clip(bad / "short.mp4", fps=25, seconds=1.0, audio_seconds=0.15)
+    shutil.copy(synthetic / "mute.mp4", bad / "mute.mp4")
+    out = tmp_path / "out"
+    records = {r.name: r for r in pp.preprocess([bad], out, detector=FixedBox())}
+    assert "unreadable" in records["junk"].reason
+    assert "shorter than one 0.2 s mel window" in records["short"].reason
+    assert "no audio stream" in records["mute"].reason
+    for rec in records.values():
+        assert rec.status == "rejected" and "\n" not in rec.reason
+    assert sorted(p.name for p in out.iterdir()) == ["summary.json", "summary.txt"]
+
+
+def test_cli_empty_folder_is_one_line_exit_2(tmp_path: Path, capsys) -> None:
+    (tmp_path / "empty").mkdir()
+    code = pp.main(["--input", str(tmp_path / "empty"), "--output", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("error: no video files") and "\n" not in err
+    assert not (tmp_path / "o").exists()
+
+
+# --- interrupted runs --------------------------------------------------------------------------
+
+DRIVER = """
+import sys, time
+from data import preprocess as pp
+
+class Slow:
+    def detect(self, frame):
+        time.sleep(float(sys.argv[3]))
+        return [(8, 4, 56, 60)]
+
+if __name__ == "__main__":  # worker processes are spawned and import this file
+    pp.preprocess([sys.argv[1]], sys.argv[2], detector=Slow(), workers=int(sys.argv[4]))
+"""
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and not p.name.startswith("summary.")}
+
+
+def _summary(root: Path) -> list[dict]:
+    drop = ("status", "reason")
+    rows = json.loads((root / "summary.json").read_text())
+    return [{k: v for k, v in row.items() if k not in drop} for row in rows]
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_same_output(tmp_path: Path) -> None:
+    videos = tmp_path / "videos"
+    (videos / "spk").mkdir(parents=True)
+    for k in range(4):
+        make_clip(videos / "spk" / f"{k:05d}.mp4", fps=25 + 5 * (k % 2), seconds=1.6)
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER)
+    repo = Path(__file__).resolve().parents[1]
+
+    def run(out: Path, delay: float, workers: int) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, str(driver), str(videos), str(out), str(delay),
+                                 str(workers)], cwd=repo, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL,
+                                env={**os.environ, "PYTHONPATH": str(repo)})
+
+    reference = tmp_path / "reference"
+    assert run(reference, 0.0, 2).wait(timeout=300) == 0  # uninterrupted, two workers
+
+    out = tmp_path / "out"
+    proc = run(out, 0.03, 1)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:  # kill mid-clip, once one clip is finished
+        done = [p for p in out.glob("spk/*") if (p / "audio.wav").is_file()]
+        partial = [p for p in out.glob(".tmp-*") if any(p.glob("*.jpg"))]
+        if done and partial:
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    assert partial and not (out / "summary.json").exists(), "not killed mid-run"
+    finished = len(done)
+
+    assert run(out, 0.0, 1).wait(timeout=300) == 0
+    assert not list(out.glob(".tmp-*"))
+    assert _tree(out) == _tree(reference)
+    assert _summary(out) == _summary(reference)
+    statuses = [r["status"] for r in json.loads((out / "summary.json").read_text())]
+    assert statuses.count("skipped") >= finished and set(statuses) <= {"ok", "skipped"}
