@@ -9,6 +9,7 @@ format with ``weights_only=True``, so no pickled code is ever executed.
 from __future__ import annotations
 
 import logging
+import pickle
 from pathlib import Path
 
 import torch
@@ -33,16 +34,30 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist; check the path you gave")
+    with open(path, "rb") as fh:
+        head = fh.read(64)
+    if head.startswith(b"version https://git-lfs"):
+        raise CheckpointError(f"checkpoint {path} is a Git LFS pointer, not the weights; fetch "
+                              "the real file (git lfs pull, or download it directly)")
+    # torch files are zip archives (PK) or, before torch 1.6, pickles (protocol 2+ opens 0x80).
+    if not head.startswith((b"PK", b"\x80")):
+        raise CheckpointError(f"checkpoint {path} is not a torch file (it starts with "
+                              f"{head[:16]!r}); give the .pth file itself")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise CheckpointError(
+            f"checkpoint {path} holds pickled Python objects (a whole saved model or a "
+            "training checkpoint), which are not loaded for safety; give a file holding a "
+            "state_dict, such as a released Wav2Lip .pth"
+        ) from None
     except Exception as err:  # torch raises many types for damaged files; all mean the same here
         size = path.stat().st_size
         expected = RELEASED_BYTES.get(path.name)
         hint = f" (the released file is {expected:,} bytes)" if expected else ""
-        reason = str(err).strip().splitlines()[0][:120] if str(err).strip() else type(err).__name__
         raise CheckpointError(
-            f"checkpoint {path} ({size:,} bytes) cannot be read: {reason}; the file is truncated "
-            f"or not a torch checkpoint, download it again{hint}"
+            f"checkpoint {path} ({size:,} bytes) cannot be read ({type(err).__name__}): the file "
+            f"is truncated or damaged; download it again{hint}"
         ) from None
     state = obj.get("state_dict", obj) if isinstance(obj, dict) else obj
     if not isinstance(state, dict) or not state or not all(
@@ -69,9 +84,10 @@ def check_state_dict(
             f"(first: {next(iter(state))!r}); give a {kind} checkpoint"
         )
     if missing or unexpected:
+        found = [f"{len(keys)} {what} keys (first: {keys[0]})"
+                 for keys, what in ((missing, "missing"), (unexpected, "unexpected")) if keys]
         raise CheckpointError(
-            f"{source} does not match {kind}: {len(missing)} missing keys (first: "
-            f"{missing[:1]}), {len(unexpected)} unexpected (first: {unexpected[:1]}); "
+            f"{source} does not match {kind}: {', '.join(found)}; "
             "was it saved from another architecture or slim factor?"
         )
     wrong = [(k, tuple(state[k].shape), tuple(v.shape)) for k, v in expected.items()

@@ -61,7 +61,7 @@ def test_multirun_over_two_slim_factors(tmp_path: Path) -> None:
 
 def compose_config(output_dir: Path, *overrides: str):
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose("train", overrides=[f"paths.output_dir={output_dir}", "logger={}",
+        return compose("train", overrides=[f"paths.output_dir={output_dir}", "logger=none",
                                            *FAST, *overrides])
 
 
@@ -101,7 +101,7 @@ def test_cli_truncated_teacher_is_one_line(tmp_path: Path) -> None:
     torch.save({"state_dict": Wav2Lip().state_dict()}, path, _use_new_zipfile_serialization=False)
     path.write_bytes(path.read_bytes()[:1_000_000])
     run_dir = tmp_path / "run"
-    result = run_train(f"teacher.checkpoint={path}", f"hydra.run.dir={run_dir}", "logger={}",
+    result = run_train(f"teacher.checkpoint={path}", f"hydra.run.dir={run_dir}", "logger=none",
                        *FAST, cwd=tmp_path)
     assert result.returncode != 0
     last = result.stderr.strip().splitlines()[-1]

@@ -90,7 +90,7 @@ def test_truncated_download_error(teacher: Wav2Lip, tmp_path: Path) -> None:
     with pytest.raises(CheckpointError) as err:
         load_weights(Wav2Lip(), path)
     message = one_line(err)
-    assert "truncated" in message and "435,807,851" in message
+    assert "truncated" in message and "435,807,851" in message and "\x1b" not in message
 
 
 def test_not_a_wav2lip_checkpoint(tmp_path: Path) -> None:
@@ -106,7 +106,15 @@ def test_text_file_is_not_a_checkpoint(tmp_path: Path) -> None:
     path.write_text("<html>404 Not Found</html>")
     with pytest.raises(CheckpointError) as err:
         load_weights(Wav2Lip(0.25), path)
-    assert "cannot be read" in one_line(err)
+    assert "is not a torch file" in one_line(err) and "<html>" in str(err.value)
+
+
+def test_pickled_objects_are_refused_with_a_reason(tmp_path: Path) -> None:
+    torch.save({"model": torch.nn.Linear(2, 2)}, tmp_path / "whole.pth")
+    with pytest.raises(CheckpointError) as err:
+        load_weights(Wav2Lip(0.25), tmp_path / "whole.pth")
+    message = one_line(err)
+    assert "pickled Python objects" in message and "\x1b" not in message
 
 
 def test_wrong_slim_factor_names_the_shape(tmp_path: Path) -> None:
@@ -123,7 +131,9 @@ def test_missing_keys_are_reported(teacher: Wav2Lip, tmp_path: Path) -> None:
     torch.save({"state_dict": state}, tmp_path / "partial.pth")
     with pytest.raises(CheckpointError) as err:
         load_weights(Wav2Lip(), tmp_path / "partial.pth")
-    assert "1 missing keys" in one_line(err) and "output_block.1.bias" in str(err.value)
+    message = one_line(err)
+    assert "1 missing keys (first: output_block.1.bias)" in message
+    assert "unexpected" not in message
 
 
 def test_slim_student_is_smaller_and_runs() -> None:
