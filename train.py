@@ -3,6 +3,7 @@
     python train.py                                  # smoke test on a generated sample
     python train.py data=lrs2 data.root=/data/lrs2_preprocessed teacher.checkpoint=wav2lip.pth
     python train.py --multirun student.slim=0.25,0.5
+    python train.py student=nota_like student_init=random   # a preset, from noise
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from omegaconf import DictConfig
 from data.audio import AudioError
 from data.dataset import DataError
 from models.checkpoint import CheckpointError, load_weights
+from models.init import init_from_teacher_
 from models.wav2lip import Wav2Lip
 
 log = logging.getLogger(__name__)
@@ -53,9 +55,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
     datamodule.prepare_data()
     datamodule.setup("fit")
 
-    log.info("building teacher and student <slim=%s>", cfg.student.slim)
+    log.info("building teacher and student <%s>", cfg.student.get("name", cfg.student.slim))
     teacher = build_teacher(cfg.teacher.checkpoint)
     student = instantiate(cfg.student)
+    if cfg.student_init == "teacher":
+        init_from_teacher_(student, teacher, cfg.student_importance)
+    elif cfg.student_init != "random":
+        raise ValueError(f"student_init={cfg.student_init} is not teacher or random; pick one")
     module = instantiate(cfg.distill, student=student, teacher=teacher)
 
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]

@@ -1,7 +1,9 @@
 """At the end of fit: fold the student's BatchNorm, quantize it to int8, export both, report.
 
 Exports are ``torch.export`` programs with a dynamic batch dimension, loadable with plain
-``torch`` (+ ``torchao`` for the int8 one) and none of this repository's code.
+``torch`` (+ ``torchao`` for the int8 one) and none of this repository's code. The float student
+is also saved as a self-describing checkpoint (``student.pt``: spec + weights) for
+:func:`models.student.load_student`, to fine-tune or evaluate it without the training config.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from torch import nn
 from compress.complexity import count_macs, count_parameters
 from compress.fold import fold_batchnorm
 from compress.quantize import export_float, psnr, quantize_int8, save_program
+from models.student import save_student
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +41,7 @@ def _inputs(loader: Iterable, limit: int) -> Iterator[tuple[torch.Tensor, torch.
 
 
 class ExportStudent(L.Callback):
-    """Writes ``student_fp32.pt2``, ``student_int8.pt2`` and ``report.json`` to ``output_dir``."""
+    """Writes ``student.pt``, ``student_fp32.pt2``, ``student_int8.pt2`` and ``report.json``."""
 
     def __init__(self, output_dir: str, calibration_batches: int = 8) -> None:
         if calibration_batches < 1:
@@ -54,6 +57,7 @@ class ExportStudent(L.Callback):
             return
         self.output_dir.mkdir(parents=True, exist_ok=True)
         student = copy.deepcopy(pl_module.student).float().cpu().eval()
+        checkpoint_path = save_student(student, self.output_dir / "student.pt")
         folded = fold_batchnorm(student)
         datamodule = trainer.datamodule
         calibration = list(_inputs(datamodule.train_dataloader(), self.calibration_batches))
@@ -73,7 +77,8 @@ class ExportStudent(L.Callback):
         tmp.write_text(json.dumps(report, indent=2))
         os.replace(tmp, report_path)
         log.info("export report:\n%s", format_report(report))
-        self.outputs = {"float export": str(float_path), "int8 export": str(int8_path),
+        self.outputs = {"student checkpoint": str(checkpoint_path),
+                        "float export": str(float_path), "int8 export": str(int8_path),
                         "report": str(report_path)}
 
     @torch.no_grad()
@@ -93,7 +98,10 @@ class ExportStudent(L.Callback):
         int8_out = [quantized(mel, face) for mel, face in validation]
         teacher_out = [teacher(mel, face) for mel, face in validation]
         t_macs, s_macs = count_macs(teacher), count_macs(student)
+        spec = getattr(student, "spec", None)
         return {
+            "student_preset": spec.name if spec is not None else None,
+            "student_spec": spec.to_dict() if spec is not None else None,
             "student_slim": getattr(student, "slim", None),
             "parameters": {"teacher": count_parameters(teacher),
                            "student": count_parameters(student)},
@@ -121,7 +129,8 @@ def format_report(report: dict) -> str:
                        ("macs_convt_input", "GMACs/frame (convT by input)")):
         t, s = macs["teacher"][key], macs["student"][key]
         rows.append((label, f"{t / 1e9:.3f}", f"{s / 1e9:.3f}", f"{t / s:.1f}x"))
-    lines = [f"{'':32}{'teacher':>14}{'student':>14}{'ratio':>9}"]
+    lines = [f"student preset: {report.get('student_preset')}"]
+    lines.append(f"{'':32}{'teacher':>14}{'student':>14}{'ratio':>9}")
     lines += [f"{a:32}{b:>14}{c:>14}{d:>9}" for a, b, c, d in rows]
     fp32, int8 = sizes["student_fp32"], sizes["student_int8"]
     lines.append(f"student file: fp32 {fp32 / 1e6:.2f} MB, int8 {int8 / 1e6:.2f} MB "

@@ -115,3 +115,5 @@ class DistillationModule(L.LightningModule):
         for key in [k for k in state if k.startswith(TEACHER_PREFIX)]:
             del state[key]
         checkpoint["student_slim"] = self.student.slim
+        # The architecture travels with the weights, so no training config is needed to rebuild it.
+        checkpoint["student_spec"] = self.student.spec.to_dict()

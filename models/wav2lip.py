@@ -1,4 +1,4 @@
-"""The Wav2Lip generator, as teacher (``slim=1``) or channel-slimmed student.
+"""The Wav2Lip generator, as teacher (the default) or a student slimmed by a :class:`StudentSpec`.
 
 Re-implemented from the architecture facts of Prajwal et al., "A Lip Sync Expert Is All You Need
 for Speech to Lip Generation In The Wild" (ACM MM 2020). Module and parameter names match the
@@ -10,33 +10,31 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-# (out_channels, kernel, stride, padding, residual layers after it) per face-encoder stage.
-FACE_STAGES: tuple[tuple[int, int, int, int, int], ...] = (
-    (16, 7, 1, 3, 0),
-    (32, 3, 2, 1, 2),
-    (64, 3, 2, 1, 3),
-    (128, 3, 2, 1, 2),
-    (256, 3, 2, 1, 2),
-    (512, 3, 2, 1, 1),
+from models.spec import StudentSpec, slim_width
+
+__all__ = ["Conv2d", "Conv2dTranspose", "Wav2Lip", "slim_width"]
+
+# Layer geometry of the original; widths and residual counts come from a StudentSpec.
+# (kernel, stride, padding) per face-encoder stage; the bottleneck block follows them.
+FACE_STAGES: tuple[tuple[int, int, int], ...] = (
+    (7, 1, 3),
+    (3, 2, 1),
+    (3, 2, 1),
+    (3, 2, 1),
+    (3, 2, 1),
+    (3, 2, 1),
 )
-# The audio encoder is one flat Sequential: (out_channels, stride, residual layers after it).
-AUDIO_STAGES: tuple[tuple[int, int | tuple[int, int], int], ...] = (
-    (32, 1, 2),
-    (64, (3, 1), 2),
-    (128, 3, 2),
-    (256, (3, 2), 1),
+# Stride per audio-encoder stage (all 3x3, padding 1); the embedding convs follow them.
+AUDIO_STAGES: tuple[int | tuple[int, int], ...] = (1, (3, 1), 3, (3, 2))
+# (kernel, stride, padding, output_padding) per transposed decoder block 1-6.
+DECODER_STAGES: tuple[tuple[int, int, int, int], ...] = (
+    (3, 1, 0, 0),
+    (3, 2, 1, 1),
+    (3, 2, 1, 1),
+    (3, 2, 1, 1),
+    (3, 2, 1, 1),
+    (3, 2, 1, 1),
 )
-# (out_channels, kernel, stride, padding, output_padding, residual layers) per transposed stage.
-DECODER_STAGES: tuple[tuple[int, int, int, int, int, int], ...] = (
-    (512, 3, 1, 0, 0, 1),
-    (512, 3, 2, 1, 1, 2),
-    (384, 3, 2, 1, 1, 2),
-    (256, 3, 2, 1, 1, 2),
-    (128, 3, 2, 1, 1, 2),
-    (64, 3, 2, 1, 1, 2),
-)
-BOTTLENECK = 512
-HEAD = 32
 IMG_SIZE = 96
 
 
@@ -85,17 +83,17 @@ class Conv2dTranspose(nn.Module):
         return self.act(self.conv_block(x))
 
 
-def slim_width(channels: int, slim: float) -> int:
-    """Channels a layer keeps under a slim factor: rounded, and never fewer than one."""
-    return max(1, round(channels * slim))
-
-
 def _residuals(channels: int, count: int) -> list[nn.Module]:
     return [Conv2d(channels, channels, 3, 1, 1, residual=True) for _ in range(count)]
 
 
 class Wav2Lip(nn.Module):
-    """Wav2Lip generator; ``slim`` scales every internal width (1.0 is the original teacher).
+    """Wav2Lip generator: the original teacher by default, or a student built from a spec.
+
+    ``Wav2Lip(slim)`` scales every internal width; ``Wav2Lip(spec=StudentSpec(...))`` also sets
+    per-stage widths and residual layers (see :mod:`models.spec`). Module names follow the
+    released checkpoints; a stage that keeps ``k`` residual layers numbers them ``1..k`` after its
+    stage conv, and in the flat audio encoder the following layers move up accordingly.
 
     ``forward(audio, face)`` takes audio first, as the original does: either 4-D inference inputs,
     mel (N, 1, 80, 16) and face (N, 6, 96, 96), giving (N, 3, 96, 96); or 5-D training windows,
@@ -103,47 +101,49 @@ class Wav2Lip(nn.Module):
     the lower-half-masked target (BGR, 0-1) followed by the reference frame.
     """
 
-    def __init__(self, slim: float = 1.0) -> None:
+    def __init__(self, slim: float | None = None, spec: StudentSpec | None = None) -> None:
         super().__init__()
-        if not 0.0 < slim <= 1.0:
-            raise ValueError(f"slim must be in (0, 1], got {slim}; 1.0 is the original Wav2Lip")
-        self.slim = float(slim)
-
-        def w(channels: int) -> int:
-            return slim_width(channels, slim)
+        if spec is not None and slim is not None:
+            raise ValueError(f"give slim ({slim}) or spec, not both; put slim in the spec")
+        self.spec = spec if spec is not None else StudentSpec(slim=1.0 if slim is None else slim)
+        self.slim = self.spec.slim
+        face_w, audio_w = self.spec.face_widths(), self.spec.audio_widths()
+        dec_w, residuals = self.spec.decoder_widths(), self.spec.residual_counts()
 
         face_blocks: list[nn.Module] = []
-        skip_widths: list[int] = []
         cin = 6
-        for cout, k, s, p, n_res in FACE_STAGES:
-            stage = [Conv2d(cin, w(cout), k, s, p), *_residuals(w(cout), n_res)]
-            face_blocks.append(nn.Sequential(*stage))
-            skip_widths.append(w(cout))
-            cin = w(cout)
-        bottleneck = w(BOTTLENECK)
-        squeeze = [Conv2d(cin, bottleneck, 3, 1, 0), Conv2d(bottleneck, bottleneck, 1, 1, 0)]
-        face_blocks.append(nn.Sequential(*squeeze))
-        skip_widths.append(bottleneck)
+        for (k, s, p), cout, n_res in zip(FACE_STAGES, face_w, residuals["face"]):
+            face_blocks.append(nn.Sequential(Conv2d(cin, cout, k, s, p), *_residuals(cout, n_res)))
+            cin = cout
+        bottleneck = face_w[-1]
+        face_blocks.append(nn.Sequential(
+            Conv2d(cin, bottleneck, 3, 1, 0), Conv2d(bottleneck, bottleneck, 1, 1, 0)
+        ))
         self.face_encoder_blocks = nn.ModuleList(face_blocks)
 
         audio_layers: list[nn.Module] = []
         cin = 1
-        for cout, stride, n_res in AUDIO_STAGES:
-            audio_layers += [Conv2d(cin, w(cout), 3, stride, 1), *_residuals(w(cout), n_res)]
-            cin = w(cout)
-        audio_layers += [Conv2d(cin, bottleneck, 3, 1, 0), Conv2d(bottleneck, bottleneck, 1, 1, 0)]
+        for stride, cout, n_res in zip(AUDIO_STAGES, audio_w, residuals["audio"]):
+            audio_layers += [Conv2d(cin, cout, 3, stride, 1), *_residuals(cout, n_res)]
+            cin = cout
+        embedding = audio_w[-1]
+        audio_layers += [Conv2d(cin, embedding, 3, 1, 0), Conv2d(embedding, embedding, 1, 1, 0)]
         self.audio_encoder = nn.Sequential(*audio_layers)
 
-        decoder: list[nn.Module] = [nn.Sequential(Conv2d(bottleneck, bottleneck, 1, 1, 0))]
-        cin = bottleneck + skip_widths[-1]
-        for (cout, k, s, p, op, n_res), skip in zip(DECODER_STAGES, reversed(skip_widths[:-1])):
-            stage = [Conv2dTranspose(cin, w(cout), k, s, p, op), *_residuals(w(cout), n_res)]
+        decoder: list[nn.Module] = [nn.Sequential(Conv2d(embedding, dec_w[0], 1, 1, 0))]
+        cin = dec_w[0] + bottleneck
+        skips = reversed(face_w[:-1])
+        for (k, s, p, op), cout, n_res, skip in zip(
+            DECODER_STAGES, dec_w[1:], residuals["decoder"], skips
+        ):
+            stage = [Conv2dTranspose(cin, cout, k, s, p, op), *_residuals(cout, n_res)]
             decoder.append(nn.Sequential(*stage))
-            cin = w(cout) + skip
+            cin = cout + skip
         self.face_decoder_blocks = nn.ModuleList(decoder)
 
+        head = self.spec.head_width()
         self.output_block = nn.Sequential(
-            Conv2d(cin, w(HEAD), 3, 1, 1), nn.Conv2d(w(HEAD), 3, 1, 1, 0), nn.Sigmoid()
+            Conv2d(cin, head, 3, 1, 1), nn.Conv2d(head, 3, 1, 1, 0), nn.Sigmoid()
         )
 
     def forward(self, audio: torch.Tensor, face: torch.Tensor) -> torch.Tensor:
