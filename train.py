@@ -11,12 +11,15 @@ from __future__ import annotations
 import logging
 import sys
 import warnings
+from typing import NoReturn
 
 import hydra
 import lightning as L
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig
+from omegaconf.errors import MissingMandatoryValue
 
 from data.audio import AudioError
 from data.dataset import DataError
@@ -38,6 +41,10 @@ def build_teacher(checkpoint: str | None) -> Wav2Lip:
     return load_weights(Wav2Lip(), checkpoint)
 
 
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the key and the allowed values."""
+
+
 def close_wandb(loggers: list) -> None:
     """Finish the W&B run, so that the next job of a multirun starts its own."""
     if any(isinstance(logger, WandbLogger) for logger in loggers):
@@ -50,18 +57,19 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """Build everything from ``cfg``, fit, export; returns the final logged metrics."""
     L.seed_everything(cfg.seed, workers=True)
 
-    log.info("checking data <%s>", cfg.data.root)
-    datamodule = instantiate(cfg.data)
-    datamodule.prepare_data()
-    datamodule.setup("fit")
-
     log.info("building teacher and student <%s>", cfg.student.get("name", cfg.student.slim))
     teacher = build_teacher(cfg.teacher.checkpoint)
     student = instantiate(cfg.student)
     if cfg.student_init == "teacher":
         init_from_teacher_(student, teacher, cfg.student_importance)
     elif cfg.student_init != "random":
-        raise ValueError(f"student_init={cfg.student_init} is not teacher or random; pick one")
+        raise ConfigError(f"student_init={cfg.student_init} is not teacher or random; pick one")
+
+    log.info("checking data <%s>", cfg.data.root)
+    datamodule = instantiate(cfg.data)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+
     module = instantiate(cfg.distill, student=student, teacher=teacher)
 
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
@@ -87,11 +95,32 @@ def main(cfg: DictConfig) -> float | None:
     """Hydra entry point; returns ``val/l1_teacher`` so sweepers can minimise it."""
     try:
         metrics = train(cfg)
-    except (AudioError, CheckpointError, DataError) as err:
+    except (AudioError, CheckpointError, ConfigError, DataError) as err:
         # Bad input is the user's to fix: one line, no traceback.
-        log.error("%s", err)
-        sys.exit(f"error: {err}")
+        fail(str(err))
+    except MissingMandatoryValue as err:
+        fail(f"{err.full_key} has no value; set it on the command line ({err.full_key}=...)")
+    except InstantiationException as err:
+        fail(f"cannot build {_config_key(err)}: {_first_line(err.__cause__ or err)}")
     return metrics.get("val/l1_teacher")
+
+
+def fail(message: str) -> NoReturn:
+    """Log ``message`` and exit with it as a one-line error."""
+    log.error("%s", message)
+    sys.exit(f"error: {message}")
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _config_key(err: InstantiationException) -> str:
+    # Hydra ends its message with "full_key: <group>" naming the config node it was building.
+    keys = [line.split(":", 1)[1].strip() for line in str(err).splitlines()
+            if line.startswith("full_key:")]
+    return f"<{keys[-1]}>" if keys else "the config"
 
 
 if __name__ == "__main__":

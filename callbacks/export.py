@@ -28,6 +28,9 @@ from models.student import save_student
 
 log = logging.getLogger(__name__)
 
+# Below this pixel standard deviation an output image is close to flat grey.
+FLAT_OUTPUT_STD = 0.03
+
 
 def flatten_windows(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """5-D training windows to the 4-D inference layout: mel (N,1,80,16), face (N,6,96,96)."""
@@ -112,6 +115,10 @@ class ExportStudent(L.Callback):
                 "int8_vs_float_student": psnr(torch.cat(int8_out), torch.cat(reference)),
                 "float_student_vs_teacher": psnr(torch.cat(reference), torch.cat(teacher_out)),
             },
+            # PSNR against a nearly constant output (a random teacher, a barely trained student)
+            # is high whatever the quantization does: the spread tells whether it means much.
+            "output_std": {"float_student": float(torch.cat(reference).std()),
+                           "teacher": float(torch.cat(teacher_out).std())},
             "frames": {"calibration_batches": n_calibration,
                        "validation_frames": sum(m.shape[0] for m, _ in validation)},
         }
@@ -137,4 +144,9 @@ def format_report(report: dict) -> str:
                  f"({int8 / fp32:.2f}x)")
     lines.append(f"PSNR int8 vs float student: {quality['int8_vs_float_student']:.2f} dB; "
                  f"float student vs teacher: {quality['float_student_vs_teacher']:.2f} dB")
+    spread = report["output_std"]["float_student"]
+    lines.append(f"student output std: {spread:.3f}")
+    if spread < FLAT_OUTPUT_STD:
+        lines.append("warning: the student's output is nearly constant, so these PSNRs say "
+                     "little; train longer, from a real teacher")
     return "\n".join(lines)
