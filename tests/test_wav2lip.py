@@ -145,3 +145,14 @@ def test_slim_student_is_smaller_and_runs() -> None:
     assert out.shape == (2, 3, 96, 96) and 0.0 <= out.min() and out.max() <= 1.0
     with pytest.raises(ValueError, match="slim must be in"):
         Wav2Lip(slim=0.0)
+
+
+def test_expert_file_given_as_teacher_is_named(tmp_path: Path) -> None:
+    from models.syncnet import SyncNet
+
+    torch.save({"state_dict": SyncNet().state_dict()}, tmp_path / "lipsync_expert.pth")
+    with pytest.raises(CheckpointError) as err:
+        load_weights(Wav2Lip(0.25), tmp_path / "lipsync_expert.pth")
+    message = one_line(err)
+    assert "is not a Wav2Lip checkpoint: it holds a SyncNet expert" in message
+    assert "wav2lip.pth or wav2lip_gan.pth" in message
