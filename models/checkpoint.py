@@ -20,35 +20,17 @@ log = logging.getLogger(__name__)
 # Released sizes, quoted in errors so a truncated download is easy to recognise.
 RELEASED_BYTES = {"wav2lip.pth": 435_807_851, "wav2lip_gan.pth": 435_801_865}
 
-
 # A key that only one released family has, to name what a wrong file holds. The generator and
 # the discriminator share `face_encoder_blocks.*` names, and the generator and the expert share
 # `audio_encoder.*`, so key overlap alone would report "mismatch" rather than "wrong file".
 FAMILIES: dict[str, tuple[str, str, str]] = {
-    # kind (as models.checkpoint names it): (distinctive key prefix, description, released file)
+    # kind: (distinctive key prefix, description, released file)
     "Wav2Lip": ("face_decoder_blocks.", "Wav2Lip generator", "wav2lip.pth or wav2lip_gan.pth"),
     "SyncNet": ("face_encoder.", "SyncNet expert", "lipsync_expert.pth"),
     "visual-quality discriminator": (
         "binary_pred.", "visual-quality discriminator", "visual_quality_disc.pth"
     ),
 }
-
-
-def check_family(state: dict[str, torch.Tensor], source: str, kind: str) -> None:
-    """Raise a one-line :class:`CheckpointError` when ``state`` holds another Wav2Lip model.
-
-    Args:
-        state: State dict with any ``module.`` prefix already removed.
-        source: Where it came from, for the message.
-        kind: The model family wanted, a key of :data:`FAMILIES`.
-    """
-    for other, (prefix, holds, _) in FAMILIES.items():
-        if other != kind and any(k.startswith(prefix) for k in state):
-            wanted = FAMILIES[kind][2]
-            raise CheckpointError(
-                f"{source} is not a {kind} checkpoint: it holds a {holds} ({len(state)} keys, "
-                f"e.g. {next(k for k in state if k.startswith(prefix))!r}); give {wanted}"
-            )
 
 
 class CheckpointError(ValueError):
