@@ -10,6 +10,9 @@ detector (S3FD with a user-given weight file as the other), so it needs no downl
 FFmpeg. Clips are written atomically (a temporary folder renamed at the end), so a re-run skips
 finished clips and redoes interrupted ones.
 
+This module processes clips, splits them and writes the summary, and holds the CLI; face
+detection and the face policy live in ``data.faces``, decoding onto the timeline in ``data.video``.
+
 Usage: ``python -m data.preprocess --input DIR_OR_FILES... --output ROOT``
 """
 
@@ -27,10 +30,10 @@ import os
 import random
 import shutil
 import sys
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import av
 import cv2
@@ -48,245 +51,25 @@ from data.audio import (
     melspectrogram,
     save_wav,
 )
+from data.errors import ClipRejected, PreprocessError, first_reason
+from data.faces import (
+    DROP_REASONS,
+    MULTI_FACE_POLICIES,
+    Box,
+    FaceDetector,
+    FacePolicy,
+    HaarFaceDetector,
+    as_boxes,
+    choose_face,
+    make_detector,
+    pad_box,
+    smoothed_box,
+)
+from data.video import Timeline, first_video_stream, probe_video, timed_frames
 
 log = logging.getLogger(__name__)
 
 VIDEO_EXTS = frozenset({".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v", ".mpg", ".mpeg", ".flv"})
-MULTI_FACE_POLICIES = ("largest", "skip", "reject")
-DROP_REASONS = ("no_face", "tiny_face", "several_faces")
-
-Box = tuple[int, int, int, int]  # x1, y1, x2, y2 in pixels, x2/y2 exclusive
-
-
-class PreprocessError(ValueError):
-    """Bad arguments to ``preprocess``; the message is one line and names the fix."""
-
-
-class ClipRejected(Exception):
-    """A clip that cannot be used; the message is the one-line reason shown in the summary."""
-
-
-class FaceDetector(Protocol):
-    """Anything that finds faces in a full-resolution BGR frame (Haar, S3FD, a test stub).
-
-    ``detect`` returns every face as ``(x1, y1, x2, y2)`` or ``(x1, y1, x2, y2, score)`` in the
-    frame's pixels; a single box or None is accepted too. Detectors may work on a downscaled copy
-    but must return full-resolution coordinates, and must be picklable for ``workers > 1``.
-    """
-
-    def detect(self, frame_bgr: np.ndarray) -> Sequence[Sequence[float]] | Box | None:
-        """Return the faces found in the frame."""
-        ...
-
-
-@dataclasses.dataclass(frozen=True)
-class FacePolicy:
-    """What to do with each frame's detections, and how to turn a box into a crop.
-
-    Args:
-        min_face: Faces whose shorter side is below this many pixels are "tiny": a frame with only
-            tiny faces is dropped.
-        multi_face: With several faces of at least ``min_face``: ``largest`` keeps the largest,
-            ``skip`` drops the frame, ``reject`` rejects the whole clip.
-        smooth: Boxes are the mean over this many consecutive source frames, centred (1 = raw
-            boxes, as the original's preprocessing; its inference averages 5).
-        pads: Pixels added (top, bottom, left, right) after smoothing, clipped to the frame. The
-            original's training data used none; its inference default is (0, 10, 0, 0).
-    """
-
-    min_face: int = 40
-    multi_face: str = "largest"
-    smooth: int = 5
-    pads: tuple[int, int, int, int] = (0, 0, 0, 0)
-
-    def __post_init__(self) -> None:
-        if self.multi_face not in MULTI_FACE_POLICIES:
-            raise PreprocessError(f"multi_face must be one of {', '.join(MULTI_FACE_POLICIES)}, "
-                                  f"got {self.multi_face!r}")
-        if self.smooth < 1:
-            raise PreprocessError(f"smooth must be a window of 1 or more frames, got "
-                                  f"{self.smooth}; use 1 for raw boxes")
-        if len(self.pads) != 4:
-            raise PreprocessError(f"pads needs 4 values (top bottom left right), got {self.pads}")
-        if self.min_face < 1:
-            raise PreprocessError(f"min_face must be at least 1 pixel, got {self.min_face}")
-
-
-class HaarFaceDetector:
-    """OpenCV's frontal-face Haar cascade; ships with opencv-python, so nothing to download.
-
-    Args:
-        min_size: Smallest face side searched for, in full-resolution pixels.
-        max_side: Frames with a longer side are downscaled to it before detection, for speed;
-            boxes are returned at full resolution.
-    """
-
-    def __init__(self, min_size: int = 20, max_side: int = 360) -> None:
-        self.min_size = min_size
-        self.max_side = max_side
-        self._cascade = self._load()
-
-    @staticmethod
-    def _load() -> cv2.CascadeClassifier:
-        path = Path(cv2.data.haarcascades) / "haarcascade_frontalface_default.xml"
-        cascade = cv2.CascadeClassifier(str(path))
-        if cascade.empty():
-            raise RuntimeError(f"cannot load {path}; install opencv-python-headless 4.x")
-        return cascade
-
-    def __getstate__(self) -> dict[str, int]:
-        return {"min_size": self.min_size, "max_side": self.max_side}  # cascades do not pickle
-
-    def __setstate__(self, state: dict[str, int]) -> None:
-        self.__init__(**state)
-
-    def detect(self, frame_bgr: np.ndarray) -> list[Box]:
-        """Every face at least ``min_size`` pixels wide, in full-resolution pixels."""
-        h, w = frame_bgr.shape[:2]
-        scale = min(1.0, self.max_side / max(h, w))
-        gray = cv2.cvtColor(frame_bgr, cv2.COLOR_BGR2GRAY)
-        if scale < 1.0:
-            size = (max(1, round(w * scale)), max(1, round(h * scale)))
-            gray = cv2.resize(gray, size, interpolation=cv2.INTER_AREA)
-        min_px = max(1, int(self.min_size * scale))
-        faces = self._cascade.detectMultiScale(
-            cv2.equalizeHist(gray), scaleFactor=1.1, minNeighbors=5, minSize=(min_px, min_px)
-        )
-        boxes = []
-        for x, y, bw, bh in faces:
-            x1, y1 = max(0, round(x / scale)), max(0, round(y / scale))
-            x2, y2 = min(w, round((x + bw) / scale)), min(h, round((y + bh) / scale))
-            boxes.append((x1, y1, x2, y2))
-        return boxes
-
-
-def make_detector(
-    name: str = "haar", s3fd_weights: str | Path | None = None, min_face: int = 40
-) -> FaceDetector:
-    """Build a detector by name (``haar`` or ``s3fd``).
-
-    Raises:
-        PreprocessError: Unknown name, or S3FD without a readable weight file.
-    """
-    if name == "haar":
-        return HaarFaceDetector(min_size=max(1, min_face // 2))
-    if name == "s3fd":
-        from data.s3fd import S3FDError, S3FDFaceDetector
-
-        if not s3fd_weights:
-            raise PreprocessError("--detector s3fd needs --s3fd-weights PATH (the "
-                                  "s3fd-619a316812.pth file); or use --detector haar")
-        try:
-            return S3FDFaceDetector(s3fd_weights)
-        except S3FDError as exc:
-            raise PreprocessError(str(exc)) from None
-    raise PreprocessError(f"unknown detector {name!r}; choose haar or s3fd")
-
-
-def _as_boxes(found: Any) -> list[Box]:
-    """Normalise a detector's answer to a list of integer boxes."""
-    if found is None:
-        return []
-    if len(found) and np.isscalar(found[0]):
-        found = [found]
-    return [tuple(int(round(float(v))) for v in face[:4]) for face in found]
-
-
-def choose_face(faces: Sequence[Box], policy: FacePolicy) -> tuple[Box | None, str]:
-    """Apply the policy to one frame's faces.
-
-    Returns:
-        The chosen box and "" (or "several_faces" when the largest of several was picked), or,
-        for a dropped frame, None and its reason (one of DROP_REASONS).
-
-    Raises:
-        ClipRejected: Several faces under ``multi_face="reject"``.
-    """
-    valid = [f for f in faces if f[2] > f[0] and f[3] > f[1]]
-    if not valid:
-        return None, "no_face"
-    big = [f for f in valid if min(f[2] - f[0], f[3] - f[1]) >= policy.min_face]
-    if not big:
-        return None, "tiny_face"
-    if len(big) > 1:
-        if policy.multi_face == "skip":
-            return None, "several_faces"
-        if policy.multi_face == "reject":
-            raise ClipRejected(f"{len(big)} faces in one frame (--multi-face reject); crop the "
-                               f"video to one speaker or use --multi-face largest")
-    largest = max(big, key=lambda f: (f[2] - f[0]) * (f[3] - f[1]))
-    return largest, "several_faces" if len(big) > 1 else ""
-
-
-class _Timeline:
-    """Hands out 25 fps timeline indices to source frames by timestamp.
-
-    A source frame starting at ``t`` owns every index ``i`` with ``t <= i / fps`` before the next
-    frame's start, i.e. each index shows the latest frame already on screen at its time.
-    """
-
-    def __init__(self, fps: int = FPS, limit: int | None = None) -> None:
-        self.fps = fps
-        self.limit = limit
-        self.next_index = 0
-
-    def claim(self, stop: int) -> range:
-        if self.limit is not None:
-            stop = min(stop, self.limit)
-        owned = range(self.next_index, max(self.next_index, stop))
-        self.next_index = owned.stop
-        return owned
-
-    def until(self, next_start: Fraction) -> range:
-        """Indices of the pending frame, given the next frame's start time."""
-        return self.claim(math.ceil(next_start * self.fps))
-
-    def finish(self, end: Fraction) -> range:
-        """Indices of the last frame; the timeline has ``floor(end * fps)`` indices."""
-        return self.claim(math.floor(end * self.fps))
-
-    @property
-    def full(self) -> bool:
-        return self.limit is not None and self.next_index >= self.limit
-
-
-def _frac(t: float | Fraction) -> Fraction:
-    # Float timestamps such as 6/30 are slightly off; snap them so i/25 comparisons are exact.
-    return t if isinstance(t, Fraction) else Fraction(t).limit_denominator(1_000_000)
-
-
-def timeline_sources(
-    times: Sequence[float | Fraction], end: float | Fraction | None = None, fps: int = FPS
-) -> list[int]:
-    """Map each index of a ``fps`` timeline to the source frame shown at that time.
-
-    Times are taken relative to the first frame. Index ``i`` (time ``i / fps``) gets the latest
-    frame whose time is ``<= i / fps``; there are ``floor(duration * fps)`` indices, where
-    ``duration`` is ``end`` minus the first time.
-
-    Args:
-        times: Presentation times of the decoded frames in seconds, non-decreasing.
-        end: End of the last frame; defaults to one frame interval after the last time.
-        fps: Rate of the output timeline.
-
-    Returns:
-        For each timeline index, the position in ``times`` of its source frame.
-    """
-    if not times:
-        return []
-    rel = [_frac(t) - _frac(times[0]) for t in times]
-    if end is None:
-        step = rel[-1] - rel[-2] if len(rel) > 1 else Fraction(1, fps)
-        end_rel = rel[-1] + step
-    else:
-        end_rel = _frac(end) - _frac(times[0])
-    timeline = _Timeline(fps)
-    sources: list[int] = []
-    for k in range(len(rel)):
-        owned = timeline.until(rel[k + 1]) if k + 1 < len(rel) else timeline.finish(end_rel)
-        sources.extend([k] * len(owned))
-    return sources
-
 
 @dataclasses.dataclass
 class ClipRecord:
@@ -357,16 +140,6 @@ def find_clips(inputs: Sequence[str | Path], output: str | Path) -> list[tuple[s
     return clips
 
 
-def _first_reason(exc: BaseException) -> str:
-    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-
-
-def _smoothed(boxes: list[Box | None], pos: int, half: int) -> tuple[float, ...]:
-    """Mean of the kept boxes within ``half`` source frames of ``pos``."""
-    near = [b for b in boxes[max(0, pos - half): pos + half + 1] if b is not None]
-    return tuple(float(np.mean([b[k] for b in near])) for k in range(4))
-
-
 class _FaceWriter:
     """Detects, smooths and writes face crops for a stream of source frames.
 
@@ -386,7 +159,7 @@ class _FaceWriter:
         if not owned:
             return  # on screen for less than one timeline step: skip the pixel conversion
         image = frame.to_ndarray(format="bgr24")
-        box, reason = choose_face(_as_boxes(self.detector.detect(image)), self.policy)
+        box, reason = choose_face(as_boxes(self.detector.detect(image)), self.policy)
         if box is None:
             self.rec.drop(reason, len(owned))
         elif reason:
@@ -403,10 +176,8 @@ class _FaceWriter:
 
     def _emit(self, pos: int, image: np.ndarray, owned: range) -> None:
         h, w = image.shape[:2]
-        x1, y1, x2, y2 = _smoothed(self.boxes, pos, self.half)
-        top, bottom, left, right = self.policy.pads
-        x1, y1 = max(0, round(x1) - left), max(0, round(y1) - top)
-        x2, y2 = min(w, round(x2) + right), min(h, round(y2) + bottom)
+        smooth = smoothed_box(self.boxes, pos, self.half)
+        x1, y1, x2, y2 = pad_box(smooth, self.policy.pads, w, h)
         if x2 <= x1 or y2 <= y1:  # a sloppy backend's box off the frame
             self.rec.drop("no_face", len(owned))
             return
@@ -417,25 +188,6 @@ class _FaceWriter:
             for i in owned:
                 (self.dest / f"{i}.jpg").write_bytes(jpg.tobytes())
         self.rec.frames_kept += len(owned)
-
-
-def _timed_frames(
-    container: av.container.InputContainer, stream: av.video.stream.VideoStream
-) -> Iterator[tuple[av.VideoFrame, Fraction, Fraction]]:
-    """Decoded frames with their start time relative to the first frame, and the first's time."""
-    rate = stream.average_rate or stream.guessed_rate
-    step = Fraction(1, FPS) if not rate else 1 / Fraction(rate)
-    start = t = None
-    for frame in container.decode(stream):
-        raw = None if frame.pts is None else Fraction(frame.pts) * stream.time_base
-        start = raw if start is None else start
-        if t is None:
-            t = Fraction(0)
-        elif raw is None or start is None or raw - start < t:
-            t = t + step  # missing or backward stamp: assume the nominal rate
-        else:
-            t = raw - start
-        yield frame, t, start or Fraction(0)
 
 
 def _extract_faces(
@@ -453,20 +205,18 @@ def _extract_faces(
         The presentation time of the first video frame, in seconds.
     """
     limit = None if max_seconds is None else math.floor(max_seconds * FPS)
-    timeline = _Timeline(FPS, limit)
+    timeline = Timeline(FPS, limit)
     writer = _FaceWriter(dest, detector, policy, rec)
     gaps: list[Fraction] = []
     first = Fraction(0)
     try:
         with av.open(str(src)) as container:
-            if not container.streams.video:
-                raise ClipRejected("no video stream; give a video file")
-            stream = container.streams.video[0]
+            stream = first_video_stream(container)
             stream.thread_type = "AUTO"
             rate = stream.average_rate or stream.guessed_rate
             rec.source_fps = round(float(rate), 3) if rate else None
             pending, t = None, Fraction(0)
-            for frame, t_next, first in _timed_frames(container, stream):
+            for frame, t_next, first in timed_frames(container, stream):
                 rec.source_frames += 1
                 if pending is not None:
                     gaps.append(t_next - t)
@@ -484,24 +234,13 @@ def _extract_faces(
                 writer.add(pending, timeline.finish(end))
             writer.finish()
     except av.FFmpegError as exc:
-        raise ClipRejected(f"cannot decode video: {_first_reason(exc)}") from exc
+        raise ClipRejected(f"cannot decode video: {first_reason(exc)}") from exc
     rec.variable_rate = bool(gaps) and max(gaps) - min(gaps) > Fraction(1, 1000)
     if rec.frames_kept == 0 and not max_frames:
         why = ", ".join(f"{k} {v}" for k, v in rec.dropped.items()) or "none decoded"
         raise ClipRejected(f"no usable face in any of {rec.frames_dropped} timeline frames "
                            f"({why}); check the video shows one face")
     return first
-
-
-def _probe(src: Path) -> None:
-    """Reject files FFmpeg cannot open, in one line."""
-    try:
-        with av.open(str(src)) as container:
-            if not container.streams.video:
-                raise ClipRejected("no video stream; give a video file")
-    except av.FFmpegError as exc:
-        raise ClipRejected(f"unreadable file ({_first_reason(exc)}); check it is a complete "
-                           f"video") from exc
 
 
 def _finished_record(name: str, src: Path, dest: Path) -> ClipRecord:
@@ -547,7 +286,7 @@ def process_clip(
             raise ClipRejected("clip path has whitespace, which filelists cannot hold; rename it")
         if dest.exists():
             raise ClipRejected(f"{dest} exists but is not a finished clip; remove it")
-        _probe(src)
+        probe_video(src)
         try:
             wav, audio_start = decode_audio(src)
         except AudioError as exc:
@@ -586,7 +325,7 @@ def process_clip(
         rec.status, rec.reason, rec.frames_kept = "rejected", str(exc), 0
         log.warning("rejected %s: %s", src, rec.reason)
     except Exception as exc:  # one broken clip must not stop a long batch
-        rec = ClipRecord(name, str(src), "rejected", f"{type(exc).__name__}: {_first_reason(exc)}")
+        rec = ClipRecord(name, str(src), "rejected", f"{type(exc).__name__}: {first_reason(exc)}")
         log.warning("rejected %s: %s", src, rec.reason)
         log.debug("traceback for %s", src, exc_info=True)
     else:

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from data.faces import downscale, full_res_box
+
 log = logging.getLogger(__name__)
 
 # Mean BGR->RGB pixel the weights were trained with (subtracted, no scaling).
@@ -213,20 +215,13 @@ class S3FDFaceDetector:
     def detect(self, frame_bgr: np.ndarray) -> list[tuple[int, int, int, int, float]]:
         """All faces with score above 0.5 as (x1, y1, x2, y2, score), best first."""
         h, w = frame_bgr.shape[:2]
-        scale = min(1.0, self.max_side / max(h, w)) if self.max_side else 1.0
-        image = frame_bgr
-        if scale < 1.0:
-            size = (max(1, round(w * scale)), max(1, round(h * scale)))
-            image = cv2.resize(frame_bgr, size, interpolation=cv2.INTER_AREA)
+        image, scale = downscale(frame_bgr, self.max_side)
         rgb = image[..., ::-1].astype(np.float32) - np.asarray(_MEAN_RGB, np.float32)
         batch = torch.from_numpy(rgb.transpose(2, 0, 1).copy())[None].to(self.device)
         outputs = [(p.cpu(), loc.cpu()) for p, loc in self.net(batch)]
         faces = []
-        for x1, y1, x2, y2, score in decode_detections(outputs):
-            box = (
-                max(0, round(x1 / scale)), max(0, round(y1 / scale)),
-                min(w, round(x2 / scale)), min(h, round(y2 / scale)),
-            )
+        for *corners, score in decode_detections(outputs):
+            box = full_res_box(corners, scale, w, h)
             if box[2] > box[0] and box[3] > box[1]:
                 faces.append((*box, float(score)))
         return faces

@@ -1,4 +1,4 @@
-"""data.preprocess: 25 fps timeline, split, layout on real and synthetic clips, robustness."""
+"""data.preprocess with data.faces and data.video: 25 fps timeline, split, layout, robustness."""
 
 from __future__ import annotations
 
@@ -21,6 +21,9 @@ import torch
 
 from data import preprocess as pp
 from data.audio import load_audio, melspectrogram
+from data.errors import ClipRejected, PreprocessError
+from data.faces import Box, FacePolicy, HaarFaceDetector, choose_face
+from data.video import timeline_sources
 
 REAL_CLIPS = (
     "vid_retalking2_844sq_25fps.mp4",
@@ -40,7 +43,7 @@ REAL_FACTS = {
 
 def test_timeline_from_30fps_picks_latest_frame() -> None:
     times = [Fraction(k, 30) for k in range(199)]  # 6.63 s of 30 fps
-    sources = pp.timeline_sources(times)
+    sources = timeline_sources(times)
     assert len(sources) == 165  # floor(199 / 30 * 25), not 199
     assert sources == [i * 30 // 25 for i in range(165)]
 
@@ -48,21 +51,21 @@ def test_timeline_from_30fps_picks_latest_frame() -> None:
 def test_timeline_accepts_inexact_float_stamps() -> None:
     # k * (1/30) drifts in the last bits; index 5 (0.2 s) must still get frame 6 (0.2 s).
     times = [k * (1 / 30) for k in range(60)]
-    sources = pp.timeline_sources(times)
+    sources = timeline_sources(times)
     assert len(sources) == 50 and sources[5] == 6 and sources[10] == 12
 
 
 def test_timeline_identity_at_25fps_and_offset_start() -> None:
     times = [10.0 + k / 25 for k in range(125)]
-    assert pp.timeline_sources(times) == list(range(125))
+    assert timeline_sources(times) == list(range(125))
 
 
 def test_timeline_duplicates_slow_and_variable_rate() -> None:
-    assert pp.timeline_sources([k / 10 for k in range(5)]) == [
+    assert timeline_sources([k / 10 for k in range(5)]) == [
         0, 0, 0, 1, 1, 2, 2, 2, 3, 3, 4, 4,
     ]  # 10 fps: 0.5 s gives 12 indices, frames repeated
     # Variable rate: frame 2 is replaced before the next 25 fps tick, so no index shows it.
-    sources = pp.timeline_sources([0.0, 0.1, 0.5, 0.52], end=0.6)
+    sources = timeline_sources([0.0, 0.1, 0.5, 0.52], end=0.6)
     assert sources == [0, 0, 0] + [1] * 10 + [3, 3]
 
 
@@ -94,10 +97,10 @@ def test_find_clips_names_nested_paths(tmp_path: Path) -> None:
     (main / "out" / "y.mp4").touch()  # the output root inside the input is not an input
     clips = pp.find_clips([main], main / "out")
     assert [name for name, _ in clips] == ["spk1/00001", "spk1/00002", "spk2/00001"]
-    with pytest.raises(pp.PreprocessError, match="input not found"):
+    with pytest.raises(PreprocessError, match="input not found"):
         pp.find_clips([tmp_path / "nope"], tmp_path / "out")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(pp.PreprocessError, match="no video files"):
+    with pytest.raises(PreprocessError, match="no video files"):
         pp.find_clips([tmp_path / "empty"], tmp_path / "out")
 
 
@@ -148,7 +151,7 @@ class FixedBox:
         self.calls = 0
         self.miss_every = miss_every
 
-    def detect(self, frame_bgr: np.ndarray) -> pp.Box | None:
+    def detect(self, frame_bgr: np.ndarray) -> Box | None:
         self.calls += 1
         if self.miss_every and self.calls % self.miss_every == 0:
             return None
@@ -156,7 +159,7 @@ class FixedBox:
 
 
 class Exploding:
-    def detect(self, frame_bgr: np.ndarray) -> pp.Box | None:
+    def detect(self, frame_bgr: np.ndarray) -> Box | None:
         raise RuntimeError("detector crashed\nsecond line")
 
 
@@ -279,20 +282,20 @@ def test_photos_rejected_without_traceback(samples_dir: Path, tmp_path: Path, ca
 
 
 def test_choose_face_policy() -> None:
-    policy = pp.FacePolicy(min_face=40)
+    policy = FacePolicy(min_face=40)
     big, small, other = (0, 0, 100, 120), (0, 0, 30, 30), (200, 0, 260, 60)
-    assert pp.choose_face([], policy) == (None, "no_face")
-    assert pp.choose_face([small], policy) == (None, "tiny_face")
-    assert pp.choose_face([small, big], policy) == (big, "")
-    assert pp.choose_face([other, big], policy) == (big, "several_faces")
-    skip = pp.FacePolicy(min_face=40, multi_face="skip")
-    assert pp.choose_face([other, big], skip) == (None, "several_faces")
-    with pytest.raises(pp.ClipRejected, match="2 faces in one frame"):
-        pp.choose_face([other, big], pp.FacePolicy(multi_face="reject"))
-    with pytest.raises(pp.PreprocessError, match="multi_face must be one of"):
-        pp.FacePolicy(multi_face="first")
-    with pytest.raises(pp.PreprocessError, match="smooth"):
-        pp.FacePolicy(smooth=0)
+    assert choose_face([], policy) == (None, "no_face")
+    assert choose_face([small], policy) == (None, "tiny_face")
+    assert choose_face([small, big], policy) == (big, "")
+    assert choose_face([other, big], policy) == (big, "several_faces")
+    skip = FacePolicy(min_face=40, multi_face="skip")
+    assert choose_face([other, big], skip) == (None, "several_faces")
+    with pytest.raises(ClipRejected, match="2 faces in one frame"):
+        choose_face([other, big], FacePolicy(multi_face="reject"))
+    with pytest.raises(PreprocessError, match="multi_face must be one of"):
+        FacePolicy(multi_face="first")
+    with pytest.raises(PreprocessError, match="smooth"):
+        FacePolicy(smooth=0)
 
 
 class Jitter:
@@ -301,14 +304,14 @@ class Jitter:
     def __init__(self) -> None:
         self.calls = 0
 
-    def detect(self, frame_bgr: np.ndarray) -> list[pp.Box]:
+    def detect(self, frame_bgr: np.ndarray) -> list[Box]:
         self.calls += 1
         d = 4 if self.calls % 2 else -4
         return [(10, 10, 50 + d, 50 + d)]
 
 
 class TwoFaces:
-    def detect(self, frame_bgr: np.ndarray) -> list[pp.Box]:
+    def detect(self, frame_bgr: np.ndarray) -> list[Box]:
         return [(0, 0, 44, 44), (10, 10, 60, 60)]
 
 
@@ -318,10 +321,10 @@ def _crop_sizes(root: Path, name: str) -> set[tuple[int, int]]:
 
 def test_smoothing_padding_and_multi_face_counts(synthetic: Path, tmp_path: Path) -> None:
     clip = synthetic / "spk" / "b25.mp4"
-    pp.preprocess([clip], tmp_path / "raw", detector=Jitter(), policy=pp.FacePolicy(20, smooth=1))
+    pp.preprocess([clip], tmp_path / "raw", detector=Jitter(), policy=FacePolicy(20, smooth=1))
     assert _crop_sizes(tmp_path / "raw", "b25") == {(36, 36), (44, 44)}
     pp.preprocess([clip], tmp_path / "smooth", detector=Jitter(),
-                  policy=pp.FacePolicy(20, smooth=5, pads=(0, 10, 2, 3)))
+                  policy=FacePolicy(20, smooth=5, pads=(0, 10, 2, 3)))
     sizes = _crop_sizes(tmp_path / "smooth", "b25")
     # Interior frames average 5 alternating boxes: 40 +- 1.6 px, then 10 px down, 5 px across.
     assert all(48 <= h <= 52 and 43 <= w <= 47 for h, w in sizes), sizes
@@ -330,17 +333,17 @@ def test_smoothing_padding_and_multi_face_counts(synthetic: Path, tmp_path: Path
     assert rec.status == "ok" and rec.several_faces_kept == 25
     assert _crop_sizes(tmp_path / "two", "b25") == {(50, 50)}  # the largest face
     rec = pp.preprocess([clip], tmp_path / "skip", detector=TwoFaces(),
-                        policy=pp.FacePolicy(multi_face="skip"))[0]
+                        policy=FacePolicy(multi_face="skip"))[0]
     assert rec.status == "rejected" and rec.dropped == {"several_faces": 25}
     rec = pp.preprocess([clip], tmp_path / "rej", detector=TwoFaces(),
-                        policy=pp.FacePolicy(multi_face="reject"))[0]
+                        policy=FacePolicy(multi_face="reject"))[0]
     assert rec.status == "rejected" and "faces in one frame" in rec.reason
     assert not (tmp_path / "rej" / "b25").exists()
 
 
 def test_haar_detects_at_reduced_scale_in_full_resolution_pixels(samples_dir: Path) -> None:
     photo = cv2.imread(str(samples_dir / "img_obama_single.jpg"))
-    detector = pp.HaarFaceDetector(max_side=360)
+    detector = HaarFaceDetector(max_side=360)
     (box,) = detector.detect(photo)
     big = cv2.resize(photo, None, fx=2, fy=2)  # 1820x2274, beyond 1080p
     (big_box,) = detector.detect(big)

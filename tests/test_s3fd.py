@@ -10,6 +10,8 @@ import torch
 
 from data import preprocess as pp
 from data import s3fd
+from data.errors import PreprocessError
+from data.faces import make_detector
 
 
 @pytest.fixture(scope="module")
@@ -80,17 +82,17 @@ def test_detector_reports_full_resolution_boxes(weights: Path, monkeypatch) -> N
 
 
 def test_missing_or_foreign_weights_are_one_line(tmp_path: Path) -> None:
-    with pytest.raises(pp.PreprocessError, match="not found") as err:
-        pp.make_detector("s3fd", tmp_path / "nope.pth")
+    with pytest.raises(PreprocessError, match="not found") as err:
+        make_detector("s3fd", tmp_path / "nope.pth")
     assert "\n" not in str(err.value)
-    with pytest.raises(pp.PreprocessError, match="needs --s3fd-weights"):
-        pp.make_detector("s3fd", None)
+    with pytest.raises(PreprocessError, match="needs --s3fd-weights"):
+        make_detector("s3fd", None)
     torch.save({"conv1_1.weight": torch.zeros(3)}, tmp_path / "other.pth")
-    with pytest.raises(pp.PreprocessError, match="not an S3FD state dict"):
-        pp.make_detector("s3fd", tmp_path / "other.pth")
+    with pytest.raises(PreprocessError, match="not an S3FD state dict"):
+        make_detector("s3fd", tmp_path / "other.pth")
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
-    with pytest.raises(pp.PreprocessError, match="cannot read"):
-        pp.make_detector("s3fd", tmp_path / "junk.pth")
+    with pytest.raises(PreprocessError, match="cannot read"):
+        make_detector("s3fd", tmp_path / "junk.pth")
 
 
 def test_cli_s3fd_missing_weights_exit_2(tmp_path: Path, capsys) -> None:
