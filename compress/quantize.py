@@ -174,6 +174,8 @@ def _batch_dynamic_shapes() -> tuple[dict[int, Dim], dict[int, Dim]]:
     return {0: batch}, {0: batch}
 
 
+# TODO(issue 6): lower the QDQ program to real int8 kernels (inductor or ONNX Runtime); run
+# eagerly it dequantizes and computes in float, so it is smaller but not faster.
 @torch.no_grad()
 def quantize_int8(
     model: nn.Module,

@@ -153,6 +153,7 @@ def decode_detections(
     return result[result[:, 4] > keep_threshold]
 
 
+# TODO(faces): tested with random weights only; compare boxes with the released s3fd file.
 def load_s3fd(path: str | Path, device: str | torch.device = "cpu") -> S3FD:
     """Build S3FD and load a weight file saved in the ``s3fd-619a316812.pth`` key format.
 

@@ -212,6 +212,8 @@ def init_from_teacher_(
                     in_idx, out_idx)
     log.info("initialised the student from the teacher's channels by <%s> importance",
              importance if isinstance(importance, str) else "custom")
+    # TODO(student-init): re-estimate BatchNorm statistics on a few batches after slimming; the
+    # copied ones no longer fit thinner layers (README, known limitations).
     return student
 
 
