@@ -19,7 +19,6 @@ dynamic batch dimension and loads with ``torch`` and ``torchao`` alone.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
@@ -40,6 +39,8 @@ from torchao.quantization.pt2e.quantizer import (
     QuantizationSpec,
     Quantizer,
 )
+
+from compress.metrics import psnr_db
 
 __all__ = [
     "ConvInt8Quantizer",
@@ -310,7 +311,4 @@ def load_program(path: str | os.PathLike[str]) -> ExportedProgram:
 
 def psnr(a: Tensor, b: Tensor, peak: float = 1.0) -> float:
     """Peak signal-to-noise ratio in dB between two images or batches; inf when identical."""
-    mse = torch.mean((a.double() - b.double()) ** 2).item()
-    if mse == 0.0:
-        return math.inf
-    return 10.0 * math.log10(peak**2 / mse)
+    return float(psnr_db(a, b, peak))

@@ -16,17 +16,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from compress.metrics import psnr_db
 from models.wav2lip import Wav2Lip
 
 log = logging.getLogger(__name__)
 
 TEACHER_PREFIX = "teacher."
-
-
-def psnr(prediction: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-    """Peak signal-to-noise ratio in dB for images in [0, 1]."""
-    mse = F.mse_loss(prediction.float(), reference.float()).clamp_min(1e-12)
-    return -10.0 * torch.log10(mse)
 
 
 class DistillationModule(L.LightningModule):
@@ -89,8 +84,8 @@ class DistillationModule(L.LightningModule):
         hp = self.hparams
         losses["loss"] = (hp.teacher_l1 * losses["l1_teacher"]
                           + hp.ground_truth_l1 * losses["l1_gt"] + hp.feature * losses["feature"])
-        losses["psnr_teacher"] = psnr(student_out.detach(), teacher_out)
-        losses["psnr_gt"] = psnr(student_out.detach(), target)
+        losses["psnr_teacher"] = psnr_db(student_out.detach(), teacher_out)
+        losses["psnr_gt"] = psnr_db(student_out.detach(), target)
         return losses
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
