@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data.dataset import WindowDataset  # noqa: E402
+from data.dataset import DataError, WindowDataset  # noqa: E402
 from data.pack import pack_root  # noqa: E402
 
 SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "samples"
@@ -77,6 +77,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="passes; the best is shown")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    try:
+        run(args)
+    except DataError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def run(args: argparse.Namespace) -> None:
+    """Prepare or reuse a root, pack it, and print samples per second per format and workers."""
     with tempfile.TemporaryDirectory() as tmp:
         root, what = (args.root, str(args.root)) if args.root else prepare(Path(tmp))
         pack_root(root)
@@ -86,7 +96,6 @@ def main(argv: list[str] | None = None) -> int:
             jpg = measure(root, "jpg", workers, args.samples, args.batch_size, args.repeats)
             packed = measure(root, "packed", workers, args.samples, args.batch_size, args.repeats)
             print(f"{workers:>7}  {jpg:>13.0f}  {packed:>16.0f}  {packed / jpg:>7.1f}x")
-    return 0
 
 
 if __name__ == "__main__":
