@@ -32,8 +32,13 @@ log = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode", module="lightning")
 
 
-def build_teacher(checkpoint: str | None) -> Wav2Lip:
-    """The frozen original generator, from ``checkpoint`` or randomly initialised if None."""
+def build_teacher(checkpoint: str | None, enabled: bool = True) -> Wav2Lip | None:
+    """The frozen original generator, from ``checkpoint`` or randomly initialised if None.
+
+    ``enabled=False`` gives no teacher at all: the run trains a generator from scratch.
+    """
+    if not enabled:
+        return None
     if not checkpoint:
         log.warning("teacher.checkpoint is empty: the teacher is RANDOMLY INITIALISED, so this "
                     "run is only a smoke test; set teacher.checkpoint=/path/to/wav2lip.pth")
@@ -58,8 +63,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
     L.seed_everything(cfg.seed, workers=True)
 
     log.info("building teacher and student <%s>", cfg.student.get("name", cfg.student.slim))
-    teacher = build_teacher(cfg.teacher.checkpoint)
+    teacher = build_teacher(cfg.teacher.checkpoint, cfg.teacher.get("enabled", True))
     student = instantiate(cfg.student)
+    if cfg.student_init == "teacher" and teacher is None:
+        raise ConfigError("student_init=teacher needs a teacher; use student_init=random with "
+                          "teacher=none")
     if cfg.student_init == "teacher":
         init_from_teacher_(student, teacher, cfg.student_importance)
     elif cfg.student_init != "random":

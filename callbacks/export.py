@@ -25,6 +25,7 @@ from compress.complexity import count_macs, count_parameters
 from compress.fold import fold_batchnorm
 from compress.quantize import export_float, psnr, quantize_int8, save_program
 from models.student import save_student
+from models.wav2lip import Wav2Lip
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +88,7 @@ class ExportStudent(L.Callback):
     @torch.no_grad()
     def _report(
         self,
-        teacher: nn.Module,
+        teacher: nn.Module | None,
         student: nn.Module,
         folded: nn.Module,
         quantized: nn.Module,
@@ -96,10 +97,15 @@ class ExportStudent(L.Callback):
         int8_path: Path,
         n_calibration: int,
     ) -> dict:
-        teacher = copy.deepcopy(teacher).float().cpu().eval()
-        reference = [folded(mel, face) for mel, face in validation]
-        int8_out = [quantized(mel, face) for mel, face in validation]
-        teacher_out = [teacher(mel, face) for mel, face in validation]
+        if teacher is None:
+            # Training a teacher from scratch: the reference widths are the original's.
+            teacher = Wav2Lip()
+            teacher_out = None
+        else:
+            teacher = copy.deepcopy(teacher).float().cpu().eval()
+            teacher_out = torch.cat([teacher(mel, face) for mel, face in validation])
+        reference = torch.cat([folded(mel, face) for mel, face in validation])
+        int8_out = torch.cat([quantized(mel, face) for mel, face in validation])
         t_macs, s_macs = count_macs(teacher), count_macs(student)
         spec = getattr(student, "spec", None)
         return {
@@ -112,13 +118,15 @@ class ExportStudent(L.Callback):
             "file_bytes": {"student_fp32": float_path.stat().st_size,
                            "student_int8": int8_path.stat().st_size},
             "psnr_db": {
-                "int8_vs_float_student": psnr(torch.cat(int8_out), torch.cat(reference)),
-                "float_student_vs_teacher": psnr(torch.cat(reference), torch.cat(teacher_out)),
+                "int8_vs_float_student": psnr(int8_out, reference),
+                "float_student_vs_teacher": (psnr(reference, teacher_out)
+                                             if teacher_out is not None else None),
             },
             # PSNR against a nearly constant output (a random teacher, a barely trained student)
             # is high whatever the quantization does: the spread tells whether it means much.
-            "output_std": {"float_student": float(torch.cat(reference).std()),
-                           "teacher": float(torch.cat(teacher_out).std())},
+            "output_std": {"float_student": float(reference.std()),
+                           "teacher": (float(teacher_out.std())
+                                       if teacher_out is not None else None)},
             "frames": {"calibration_batches": n_calibration,
                        "validation_frames": sum(m.shape[0] for m, _ in validation)},
         }
@@ -142,8 +150,10 @@ def format_report(report: dict) -> str:
     fp32, int8 = sizes["student_fp32"], sizes["student_int8"]
     lines.append(f"student file: fp32 {fp32 / 1e6:.2f} MB, int8 {int8 / 1e6:.2f} MB "
                  f"({int8 / fp32:.2f}x)")
-    lines.append(f"PSNR int8 vs float student: {quality['int8_vs_float_student']:.2f} dB; "
-                 f"float student vs teacher: {quality['float_student_vs_teacher']:.2f} dB")
+    line = f"PSNR int8 vs float student: {quality['int8_vs_float_student']:.2f} dB"
+    if quality["float_student_vs_teacher"] is not None:
+        line += f"; float student vs teacher: {quality['float_student_vs_teacher']:.2f} dB"
+    lines.append(line)
     spread = report["output_std"]["float_student"]
     lines.append(f"student output std: {spread:.3f}")
     if spread < FLAT_OUTPUT_STD:

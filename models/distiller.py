@@ -30,7 +30,7 @@ class DistillationModule(L.LightningModule):
     def __init__(
         self,
         student: Wav2Lip,
-        teacher: Wav2Lip,
+        teacher: Wav2Lip | None,
         optimizer: Callable[..., torch.optim.Optimizer],
         teacher_l1: float = 1.0,
         ground_truth_l1: float = 1.0,
@@ -38,6 +38,12 @@ class DistillationModule(L.LightningModule):
         feature_taps: Sequence[int] = (3, 4, 5),
     ) -> None:
         super().__init__()
+        if teacher is None:
+            # Training a teacher: the generator learns from ground truth alone.
+            if teacher_l1 or feature:
+                raise ValueError("without a teacher, distill.teacher_l1 and distill.feature must "
+                                 f"be 0 (got {teacher_l1}, {feature}); set them to 0")
+            feature_taps = ()
         if len(feature_taps) < 1 and feature > 0:
             raise ValueError("feature distillation needs at least one tap in distill.feature_taps")
         bad = [t for t in feature_taps if not 0 <= t < len(student.face_decoder_blocks)]
@@ -46,10 +52,11 @@ class DistillationModule(L.LightningModule):
                              f"{len(student.face_decoder_blocks) - 1}")
         self.save_hyperparameters(ignore=["student", "teacher", "optimizer"])
         self.student = student
-        self.teacher = teacher.eval().requires_grad_(False)
+        self.teacher = teacher.eval().requires_grad_(False) if teacher is not None else None
         self.optimizer_factory = optimizer
         self.taps = tuple(int(t) for t in feature_taps)
-        s_widths, t_widths = student.decoder_widths(), teacher.decoder_widths()
+        s_widths = student.decoder_widths()
+        t_widths = teacher.decoder_widths() if teacher is not None else []
         self.adapters = nn.ModuleDict({
             str(t): nn.Conv2d(s_widths[t], t_widths[t], kernel_size=1) for t in self.taps
         })
@@ -59,7 +66,8 @@ class DistillationModule(L.LightningModule):
     def train(self, mode: bool = True) -> DistillationModule:
         """Switch train/eval mode, keeping the teacher in eval (frozen BatchNorm statistics)."""
         super().train(mode)
-        self.teacher.eval()
+        if self.teacher is not None:
+            self.teacher.eval()
         return self
 
     def forward(self, mel: torch.Tensor, face: torch.Tensor) -> torch.Tensor:
@@ -67,13 +75,16 @@ class DistillationModule(L.LightningModule):
 
     def _losses(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         mel, face, target = batch["mel"], batch["face"], batch["target"]
-        with torch.no_grad():
-            teacher_out, teacher_feats = self.teacher.forward_with_features(mel, face, self.taps)
         student_out, student_feats = self.student.forward_with_features(mel, face, self.taps)
-        losses = {
-            "l1_teacher": F.l1_loss(student_out, teacher_out),
-            "l1_gt": F.l1_loss(student_out, target),
-        }
+        losses = {"l1_gt": F.l1_loss(student_out, target)}
+        teacher_out = None
+        if self.teacher is not None:
+            with torch.no_grad():
+                teacher_out, teacher_feats = self.teacher.forward_with_features(
+                    mel, face, self.taps)
+            losses["l1_teacher"] = F.l1_loss(student_out, teacher_out)
+        else:
+            losses["l1_teacher"] = student_out.new_zeros(())
         if self.taps:
             losses["feature"] = torch.stack([
                 F.mse_loss(self.adapters[str(t)](student_feats[t]), teacher_feats[t])
@@ -84,7 +95,8 @@ class DistillationModule(L.LightningModule):
         hp = self.hparams
         losses["loss"] = (hp.teacher_l1 * losses["l1_teacher"]
                           + hp.ground_truth_l1 * losses["l1_gt"] + hp.feature * losses["feature"])
-        losses["psnr_teacher"] = psnr_db(student_out.detach(), teacher_out)
+        if teacher_out is not None:
+            losses["psnr_teacher"] = psnr_db(student_out.detach(), teacher_out)
         losses["psnr_gt"] = psnr_db(student_out.detach(), target)
         return losses
 
