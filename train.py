@@ -18,13 +18,16 @@ import lightning as L
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import WandbLogger
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from data.audio import AudioError
 from data.dataset import DataError
 from models.checkpoint import CheckpointError, load_weights
+from models.discriminator import QualityDiscriminator, load_discriminator
+from models.distiller import RecipeError
 from models.init import init_from_teacher_
+from models.syncnet import SyncNet, load_syncnet
 from models.wav2lip import Wav2Lip
 
 log = logging.getLogger(__name__)
@@ -44,6 +47,21 @@ def build_teacher(checkpoint: str | None, enabled: bool = True) -> Wav2Lip | Non
                     "run is only a smoke test; set teacher.checkpoint=/path/to/wav2lip.pth")
         return Wav2Lip()
     return load_weights(Wav2Lip(), checkpoint)
+
+
+def build_syncnet(checkpoint: str | None) -> SyncNet | None:
+    """The frozen expert SyncNet from ``checkpoint``; None (no sync term or metrics) if empty."""
+    return load_syncnet(checkpoint) if checkpoint else None
+
+
+def build_discriminator(gan: DictConfig | None) -> QualityDiscriminator | None:
+    """The visual-quality discriminator of an enabled ``distill.gan`` stage, else None."""
+    if not gan or not gan.get("enabled"):
+        return None
+    if gan.get("checkpoint"):
+        return load_discriminator(gan.checkpoint)
+    log.info("distill.gan.checkpoint is empty: the discriminator starts from random weights")
+    return QualityDiscriminator()
 
 
 class ConfigError(ValueError):
@@ -78,7 +96,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
     datamodule.prepare_data()
     datamodule.setup("fit")
 
-    module = instantiate(cfg.distill, student=student, teacher=teacher)
+    sync_checkpoint = OmegaConf.select(cfg, "sync.checkpoint")
+    log.info("building the loss recipe, SyncNet <%s>", sync_checkpoint)
+    syncnet = build_syncnet(sync_checkpoint)
+    discriminator = build_discriminator(cfg.distill.get("gan"))
+    module = instantiate(cfg.distill, student=student, teacher=teacher, syncnet=syncnet,
+                         discriminator=discriminator)
 
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
@@ -86,7 +109,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     log.info("distilling for <%s> steps", cfg.trainer.max_steps)
     try:
-        trainer.fit(module, datamodule=datamodule)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     finally:
         close_wandb(loggers)
 
@@ -100,17 +123,22 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    """Hydra entry point; returns ``val/l1_teacher`` so sweepers can minimise it."""
+    """Hydra entry point; returns the checkpoint's monitored metric for sweepers.
+
+    An Optuna-style sweeper must optimise it in the checkpoint's ``mode``: maximise for the
+    default ``val/psnr_lower_teacher`` (``hydra.sweeper.direction: maximize``), minimise for a
+    loss such as ``val/l1_gt``.
+    """
     try:
         metrics = train(cfg)
-    except (AudioError, CheckpointError, ConfigError, DataError) as err:
+    except (AudioError, CheckpointError, ConfigError, DataError, RecipeError) as err:
         # Bad input is the user's to fix: one line, no traceback.
         fail(str(err))
     except MissingMandatoryValue as err:
         fail(f"{err.full_key} has no value; set it on the command line ({err.full_key}=...)")
     except InstantiationException as err:
         fail(f"cannot build {_config_key(err)}: {_first_line(err.__cause__ or err)}")
-    return metrics.get("val/l1_teacher")
+    return metrics.get(OmegaConf.select(cfg, "callbacks.model_checkpoint.monitor"))
 
 
 def fail(message: str) -> NoReturn:

@@ -18,6 +18,13 @@ at column ``mel_start(i, offset) = floor(80 (i + offset) / 25)``; ``offset`` (``
 mel_offset_frames``) is -1 for the original's training (the window starts one frame early, so the
 frame's instant is column 3 or 4 of its window, see ``frame_instant_column``) and 0 for its
 inference (column 0 or 1).
+
+Sync windows. Every sample also carries ``sync_mel`` (1, 80, 16), the mel window the expert
+SyncNet scores the 5 frames against: 16 columns from ``mel_start(start, 0)``, the offset its
+training used, whatever ``mel_offset_frames`` is. With ``sync_offsets`` K > 0 a sample also
+carries ``sync_mels`` (2K+1, 1, 80, 16), the windows for start frames ``start - K .. start + K``
+(row K is ``sync_mel``), for LSE-D / LSE-C style scores (``models.sync_scores``); only windows
+whose every offset fits inside the clip's mel are drawn then.
 """
 
 from __future__ import annotations
@@ -83,14 +90,21 @@ class Clip:
     def __post_init__(self) -> None:
         self.positions = {f: k for k, f in enumerate(self.frames)}
 
-    def window_starts(self, offset_frames: int) -> list[int]:
-        """Frames that start 5 consecutive existing frames whose mel windows all fit."""
+    def window_starts(self, offset_frames: int, sync_offsets: int = 0) -> list[int]:
+        """Frames that start 5 consecutive existing frames whose mel windows all fit.
+
+        The expert's windows (offset 0, start frames ``f - sync_offsets .. f + sync_offsets``)
+        must fit too; with ``offset_frames >= -4`` and no sync offsets that adds no condition.
+        """
         present = self.positions
+        columns = self.mel.shape[1]
         return [
             f for f in self.frames
             if all(f + k in present for k in range(WINDOW))
             and mel_start(f, offset_frames) >= 0
-            and mel_start(f + WINDOW - 1, offset_frames) + MEL_STEP <= self.mel.shape[1]
+            and mel_start(f + WINDOW - 1, offset_frames) + MEL_STEP <= columns
+            and mel_start(f - sync_offsets, 0) >= 0
+            and mel_start(f + sync_offsets, 0) + MEL_STEP <= columns
         ]
 
 
@@ -178,6 +192,8 @@ class WindowDataset(Dataset):
 
     With ``deterministic`` (validation) sample ``i`` is always the same window. ``data_format``
     picks JPEG folders (``jpg``) or the memory-mapped ``frames.npy`` of each clip (``packed``).
+    ``sync_offsets`` K > 0 adds ``sync_mels`` (2K+1 expert mel windows, offsets -K..K frames) to
+    every sample and draws only windows where all of them fit (see the module docstring).
     """
 
     def __init__(
@@ -189,16 +205,21 @@ class WindowDataset(Dataset):
         deterministic: bool = False,
         seed: int = 0,
         data_format: str = "jpg",
+        sync_offsets: int = 0,
     ) -> None:
         if data_format not in FORMATS:
             raise DataError(f"data.format must be one of {', '.join(FORMATS)}, got "
                             f"{data_format!r}")
+        if isinstance(sync_offsets, bool) or not isinstance(sync_offsets, int) or sync_offsets < 0:
+            raise DataError(f"data.sync_offsets must be an int >= 0 (frames each way), got "
+                            f"{sync_offsets!r}")
         self.root = Path(root)
         self.length = length
         self.offset = mel_offset_frames
         self.deterministic = deterministic
         self.seed = seed
         self.data_format = data_format
+        self.sync_offsets = sync_offsets
         self.clips: list[Clip] = []
         self.starts: list[list[int]] = []
         self._mels: list[np.ndarray] = []
@@ -206,7 +227,7 @@ class WindowDataset(Dataset):
         too_short = []
         for entry in read_filelist(self.root, split):
             clip = load_clip(self.root / entry, data_format)
-            starts = clip.window_starts(self.offset)
+            starts = clip.window_starts(self.offset, sync_offsets)
             # A window plus a reference window elsewhere needs more than three windows of frames,
             # the same rule the original applies (it skips clips with 15 frames or fewer).
             if len(clip.frames) <= 3 * WINDOW or len(starts) < 2:
@@ -219,10 +240,12 @@ class WindowDataset(Dataset):
             log.warning("skipping %d clips too short for a window plus a reference: %s",
                         len(too_short), ", ".join(too_short[:5]))
         if not self.clips:
+            extra = (f", and {sync_offsets} frames of audio each side of a window for "
+                     f"sync_offsets={sync_offsets}" if sync_offsets else "")
             raise DataError(
                 f"no usable clip in {self.root / (split + '.txt')}: every clip is too short "
                 f"({', '.join(too_short[:3])}); each needs more than {3 * WINDOW} face frames "
-                f"at 25 fps and audio covering them"
+                f"at 25 fps and audio covering them{extra}"
             )
 
     def __len__(self) -> int:
@@ -274,8 +297,17 @@ class WindowDataset(Dataset):
         mels = np.stack([
             mel[:, mel_start(start + k, self.offset):][:, :MEL_STEP] for k in range(WINDOW)
         ])[:, None]
-        return {"face": torch.from_numpy(face), "mel": torch.from_numpy(mels),
-                "target": torch.from_numpy(target)}
+        sync = mel_start(start, 0)
+        sample = {"face": torch.from_numpy(face), "mel": torch.from_numpy(mels),
+                  "target": torch.from_numpy(target),
+                  "sync_mel": torch.from_numpy(np.ascontiguousarray(
+                      mel[None, :, sync:sync + MEL_STEP]))}
+        if self.sync_offsets:
+            k = self.sync_offsets
+            sample["sync_mels"] = torch.from_numpy(np.stack([
+                mel[:, mel_start(start + shift, 0):][:, :MEL_STEP] for shift in range(-k, k + 1)
+            ])[:, None])
+        return sample
 
 
 class Wav2LipDataModule(L.LightningDataModule):
@@ -283,7 +315,8 @@ class Wav2LipDataModule(L.LightningDataModule):
 
     ``data_format`` (config key ``format``) is ``jpg`` or ``packed``; with ``packed``,
     ``prepare_data`` packs any clip that is not packed yet (``python -m data.pack`` does the same
-    ahead of time).
+    ahead of time). ``sync_offsets`` applies to validation samples only (see
+    :class:`WindowDataset`); training samples always carry ``sync_mel`` alone.
     """
 
     def __init__(
@@ -297,6 +330,7 @@ class Wav2LipDataModule(L.LightningDataModule):
         synthetic: bool = False,
         seed: int = 0,
         format: str = "jpg",  # noqa: A002 - the config key users write
+        sync_offsets: int = 0,
     ) -> None:
         super().__init__()
         if format not in FORMATS:
@@ -327,7 +361,8 @@ class Wav2LipDataModule(L.LightningDataModule):
                                        data_format=hp.format)
         val_split = "val" if (self.root / "val.txt").is_file() else "train"
         self.val_set = WindowDataset(self.root, val_split, hp.val_samples, hp.mel_offset_frames,
-                                     deterministic=True, seed=hp.seed, data_format=hp.format)
+                                     deterministic=True, seed=hp.seed, data_format=hp.format,
+                                     sync_offsets=hp.sync_offsets)
         log.info("data: %d train clips, %d val clips (%s) from %s", len(self.train_set.clips),
                  len(self.val_set.clips), hp.format, self.root)
 

@@ -7,12 +7,14 @@ released checkpoints (``wav2lip.pth``, ``wav2lip_gan.pth``) so that they load wi
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
 from models.spec import StudentSpec, slim_width
 
-__all__ = ["Conv2d", "Conv2dTranspose", "Wav2Lip", "slim_width"]
+__all__ = ["TAP_NAMES", "Conv2d", "Conv2dTranspose", "Wav2Lip", "slim_width"]
 
 # Layer geometry of the original; widths and residual counts come from a StudentSpec.
 # (kernel, stride, padding) per face-encoder stage; the bottleneck block follows them.
@@ -36,6 +38,14 @@ DECODER_STAGES: tuple[tuple[int, int, int, int], ...] = (
     (3, 2, 1, 1),
 )
 IMG_SIZE = 96
+# Feature taps by name, for distillation: the 7 face-encoder blocks (6 stages + bottleneck), the
+# audio embedding, and the 7 decoder blocks (before each skip concatenation).
+FACE_TAP, AUDIO_TAP, DECODER_TAP = "face_encoder", "audio_encoder", "face_decoder"
+TAP_NAMES: tuple[str, ...] = (
+    *(f"{FACE_TAP}.{i}" for i in range(len(FACE_STAGES) + 1)),
+    AUDIO_TAP,
+    *(f"{DECODER_TAP}.{i}" for i in range(len(DECODER_STAGES) + 1)),
+)
 
 
 class Conv2d(nn.Module):
@@ -85,6 +95,11 @@ class Conv2dTranspose(nn.Module):
 
 def _residuals(channels: int, count: int) -> list[nn.Module]:
     return [Conv2d(channels, channels, 3, 1, 1, residual=True) for _ in range(count)]
+
+
+def _out_channels(layers: nn.Sequential) -> int:
+    # Every stage ends in a conv wrapper whose BatchNorm has the stage's output width.
+    return layers[-1].conv_block[1].num_features
 
 
 class Wav2Lip(nn.Module):
@@ -150,13 +165,20 @@ class Wav2Lip(nn.Module):
         return self.forward_with_features(audio, face)[0]
 
     def forward_with_features(
-        self, audio: torch.Tensor, face: torch.Tensor, taps: tuple[int, ...] = ()
-    ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-        """Run the generator and also return the outputs of the decoder blocks listed in ``taps``.
+        self, audio: torch.Tensor, face: torch.Tensor, taps: Sequence[str] = ()
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Run the generator and also return the intermediate features named in ``taps``.
 
-        Tapped features are taken after each decoder block and before its skip concatenation,
-        in the flattened (N, C, H, W) layout even for 5-D inputs.
+        Names (see :data:`TAP_NAMES`): ``face_encoder.<i>`` is face-encoder block ``i``'s output
+        (0-5 the stages, 6 the bottleneck), ``audio_encoder`` the audio embedding, and
+        ``face_decoder.<i>`` decoder block ``i``'s output before its skip concatenation.
+        Features come back as ``{name: tensor}`` in the flattened (N, C, H, W) layout, even for
+        5-D inputs.
         """
+        unknown = [name for name in taps if name not in TAP_NAMES]
+        if unknown:
+            raise ValueError(f"unknown feature taps {unknown}; use {', '.join(TAP_NAMES)}")
+        wanted = set(taps)
         windowed = face.dim() > 4
         if windowed:
             batch, steps = audio.shape[:2]
@@ -164,23 +186,36 @@ class Wav2Lip(nn.Module):
             audio = audio.transpose(0, 1).flatten(0, 1)
             face = face.permute(2, 0, 1, 3, 4).flatten(0, 1)
 
+        features: dict[str, torch.Tensor] = {}
         x = self.audio_encoder(audio)
+        if AUDIO_TAP in wanted:
+            features[AUDIO_TAP] = x
         skips = []
         feat = face
-        for block in self.face_encoder_blocks:
+        for index, block in enumerate(self.face_encoder_blocks):
             feat = block(feat)
             skips.append(feat)
-        features: dict[int, torch.Tensor] = {}
+            if f"{FACE_TAP}.{index}" in wanted:
+                features[f"{FACE_TAP}.{index}"] = feat
         for index, block in enumerate(self.face_decoder_blocks):
             x = block(x)
-            if index in taps:
-                features[index] = x
+            if f"{DECODER_TAP}.{index}" in wanted:
+                features[f"{DECODER_TAP}.{index}"] = x
             x = torch.cat((x, skips.pop()), dim=1)
         out = self.output_block(x)
 
         if windowed:
             out = out.unflatten(0, (steps, batch)).permute(1, 2, 0, 3, 4)
         return out, features
+
+    def feature_widths(self) -> dict[str, int]:
+        """Channels of every tappable feature (see :meth:`forward_with_features`), by name."""
+        widths = {f"{FACE_TAP}.{i}": _out_channels(block)
+                  for i, block in enumerate(self.face_encoder_blocks)}
+        widths[AUDIO_TAP] = _out_channels(self.audio_encoder)
+        widths.update({f"{DECODER_TAP}.{i}": _out_channels(block)
+                       for i, block in enumerate(self.face_decoder_blocks)})
+        return widths
 
     def decoder_widths(self) -> list[int]:
         """Output channels of each decoder block (before concatenation), for feature adapters."""

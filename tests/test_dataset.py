@@ -157,3 +157,75 @@ def test_filelist_naming_missing_clips_is_one_line(sample_root: Path, tmp_path: 
     assert "\n" not in str(err.value) and "synthetic/gone1" in str(err.value)
     assert pack.main([str(root)]) == 2
     assert not (root / "synthetic" / "clip01" / PACKED_FRAMES).exists(), "no partial output"
+
+
+# --- expert SyncNet windows ---------------------------------------------------------------------
+
+
+def _drawn_window(dataset: WindowDataset, index: int) -> tuple[int, int]:
+    """(clip index, start frame) of deterministic sample ``index``, replaying its generator."""
+    rng = dataset._rng(index)
+    which = rng.randrange(len(dataset.clips))
+    return which, rng.choice(dataset.starts[which])
+
+
+def test_sync_mel_is_the_offset_zero_window(sample_root: Path) -> None:
+    dataset = WindowDataset(sample_root, "train", length=3, deterministic=True)
+    for index in range(3):
+        which, start = _drawn_window(dataset, index)
+        sample = dataset[index]
+        assert "sync_mels" not in sample, "no offsets unless sync_offsets > 0"
+        begin = mel_start(start, 0)
+        # The expert's window starts at the frame's own time, one frame after its training input.
+        assert begin == mel_start(start + 1, -1)
+        expected = dataset.clips[which].mel[:, begin:begin + MEL_STEP]
+        assert sample["sync_mel"].shape == (1, 80, 16)
+        assert torch.equal(sample["sync_mel"][0], expected)
+
+
+def test_sync_mels_cover_every_offset(sample_root: Path) -> None:
+    k = 3
+    dataset = WindowDataset(sample_root, "val", length=4, deterministic=True, seed=5,
+                            sync_offsets=k)
+    columns = dataset.clips[0].mel.shape[1]
+    starts = dataset.starts[0]
+    # 75 frames, 241 mel columns: the first start s needs mel_start(s - k, 0) >= 0, so s >= k;
+    # the last needs mel_start(s + k, 0) + 16 <= 241, so s + k <= 70. Without offsets the
+    # training input (one frame early) already bounds both ends: starts 1..67.
+    assert columns == 241 and starts == list(range(k, 71 - k))
+    baseline = WindowDataset(sample_root, "val", length=1, deterministic=True)
+    assert baseline.starts[0] == list(range(1, 68))
+    again = WindowDataset(sample_root, "val", length=4, deterministic=True, seed=5,
+                          sync_offsets=k)
+    for index in range(4):
+        which, start = _drawn_window(dataset, index)
+        sample = dataset[index]
+        mels = sample["sync_mels"]
+        assert mels.shape == (2 * k + 1, 1, 80, 16)
+        for row in range(2 * k + 1):
+            begin = mel_start(start + row - k, 0)
+            assert torch.equal(mels[row, 0], dataset.clips[which].mel[:, begin:begin + MEL_STEP])
+        assert torch.equal(mels[k], sample["sync_mel"])
+        repeat = again[index]
+        assert all(torch.equal(sample[key], repeat[key]) for key in sample), "not deterministic"
+
+
+def test_sync_offsets_apply_to_validation_only(sample_root: Path) -> None:
+    datamodule = Wav2LipDataModule(str(sample_root), batch_size=2, train_samples=2,
+                                   val_samples=2, sync_offsets=2)
+    datamodule.setup("fit")
+    train = next(iter(datamodule.train_dataloader()))
+    val = next(iter(datamodule.val_dataloader()))
+    assert train["sync_mel"].shape == val["sync_mel"].shape == (2, 1, 80, 16)
+    assert "sync_mels" not in train
+    assert val["sync_mels"].shape == (2, 5, 1, 80, 16)
+
+
+def test_bad_sync_offsets_are_one_line_errors(sample_root: Path) -> None:
+    with pytest.raises(DataError, match="sync_offsets must be an int >= 0") as err:
+        WindowDataset(sample_root, "val", length=1, sync_offsets=-1)
+    assert "\n" not in str(err.value)
+    # 75-frame clips cannot fit 40 frames of audio on each side of a 5-frame window.
+    with pytest.raises(DataError, match="too short.*sync_offsets=40") as err:
+        WindowDataset(sample_root, "val", length=1, sync_offsets=40)
+    assert "\n" not in str(err.value)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from models.checkpoint import CheckpointError, load_weights
-from models.wav2lip import Wav2Lip
+from models.wav2lip import TAP_NAMES, Wav2Lip
 
 
 @pytest.fixture(scope="module")
@@ -156,3 +156,27 @@ def test_expert_file_given_as_teacher_is_named(tmp_path: Path) -> None:
     message = one_line(err)
     assert "is not a Wav2Lip checkpoint: it holds a SyncNet expert" in message
     assert "wav2lip.pth or wav2lip_gan.pth" in message
+
+
+def test_feature_taps_by_name() -> None:
+    student = Wav2Lip(slim=0.0625).eval()
+    widths = student.feature_widths()
+    assert list(widths) == list(TAP_NAMES)
+    # Original widths / 16; sizes: encoder 96 down to the 1 px bottleneck, decoder back up.
+    assert [widths[f"face_encoder.{i}"] for i in range(7)] == [1, 2, 4, 8, 16, 32, 32]
+    assert widths["audio_encoder"] == 32
+    assert [widths[f"face_decoder.{i}"] for i in range(7)] == [32, 32, 32, 24, 16, 8, 4]
+    sizes = {**{f"face_encoder.{i}": s for i, s in enumerate((96, 48, 24, 12, 6, 3, 1))},
+             "audio_encoder": 1,
+             **{f"face_decoder.{i}": s for i, s in enumerate((1, 3, 6, 12, 24, 48, 96))}}
+    audio, face = torch.randn(2, 5, 1, 80, 16), torch.rand(2, 6, 5, 96, 96)
+    with torch.no_grad():
+        out, features = student.forward_with_features(audio, face, TAP_NAMES)
+        plain = student(audio, face)
+    assert torch.equal(out, plain)
+    assert list(features) != [] and set(features) == set(TAP_NAMES)
+    for name, feature in features.items():
+        # Windows come back flattened time-major: N = B * T.
+        assert feature.shape == (10, widths[name], sizes[name], sizes[name]), name
+    with pytest.raises(ValueError, match="unknown feature taps \\['face_decoder.7'\\]"):
+        student.forward_with_features(audio, face, ["face_decoder.7"])
