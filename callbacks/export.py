@@ -1,8 +1,11 @@
-"""At the end of fit: fold the student's BatchNorm, quantize it to int8, export both, report.
+"""At the end of fit: fuse the student for inference, export fp32, bf16 and int8, report.
 
 Exports are ``torch.export`` programs with a dynamic batch dimension, loadable with plain
-``torch`` (+ ``torchao`` for the int8 one) and none of this repository's code. The float student
-is also saved as a self-describing checkpoint (``student.pt``: spec + weights) for
+``torch`` (+ ``torchao`` for the int8 one) and none of this repository's code: fp32, bf16 (float32
+in and out, see :func:`compress.exports.export_bf16`) and static int8, whose ``keep_float``
+layers stay float (listed by hand, and/or the ``keep_float_auto`` most sensitive ones by
+:func:`compress.sensitivity.layer_sensitivity`). The float student is also saved as a
+self-describing checkpoint (``student.pt``: spec + weights) for
 :func:`models.student.load_student`, to fine-tune or evaluate it without the training config.
 """
 
@@ -13,7 +16,7 @@ import itertools
 import json
 import logging
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import lightning as L
@@ -22,8 +25,10 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
 
 from compress.complexity import count_macs, count_parameters
-from compress.fold import fold_batchnorm
+from compress.exports import export_bf16
+from compress.fold import fuse_for_inference
 from compress.quantize import export_float, psnr, quantize_int8, save_program
+from compress.sensitivity import layer_sensitivity, most_sensitive
 from models.student import save_student
 from models.wav2lip import Wav2Lip
 
@@ -45,13 +50,34 @@ def _inputs(loader: Iterable, limit: int) -> Iterator[tuple[torch.Tensor, torch.
 
 
 class ExportStudent(L.Callback):
-    """Writes ``student.pt``, ``student_fp32.pt2``, ``student_int8.pt2`` and ``report.json``."""
+    """Writes ``student.pt``, ``student_{fp32,bf16,int8}.pt2`` and ``report.json``.
 
-    def __init__(self, output_dir: str, calibration_batches: int = 8) -> None:
+    Args:
+        output_dir: Folder for the files (created).
+        calibration_batches: Training batches that calibrate the int8 activation ranges.
+        keep_float: Student module paths (``named_modules()`` names, e.g.
+            ``output_block.1``, or a block such as ``output_block``) whose convs stay float in
+            the int8 program.
+        keep_float_auto: Also keep this many of the most sensitive convs float, ranked by
+            quantizing one conv at a time (:mod:`compress.sensitivity`); costs one calibration
+            per conv, so it is off (0) by default.
+    """
+
+    def __init__(
+        self,
+        output_dir: str,
+        calibration_batches: int = 8,
+        keep_float: Sequence[str] = (),
+        keep_float_auto: int = 0,
+    ) -> None:
         if calibration_batches < 1:
             raise ValueError(f"calibration_batches must be >= 1, got {calibration_batches}")
+        if keep_float_auto < 0:
+            raise ValueError(f"keep_float_auto must be >= 0, got {keep_float_auto}")
         self.output_dir = Path(output_dir)
         self.calibration_batches = calibration_batches
+        self.keep_float = tuple(str(path) for path in keep_float)
+        self.keep_float_auto = keep_float_auto
         self.outputs: dict[str, str] = {}
 
     @rank_zero_only
@@ -62,39 +88,61 @@ class ExportStudent(L.Callback):
         self.output_dir.mkdir(parents=True, exist_ok=True)
         student = copy.deepcopy(pl_module.student).float().cpu().eval()
         checkpoint_path = save_student(student, self.output_dir / "student.pt")
-        folded = fold_batchnorm(student)
+        fused = fuse_for_inference(student)
         datamodule = trainer.datamodule
         calibration = list(_inputs(datamodule.train_dataloader(), self.calibration_batches))
         validation = list(_inputs(datamodule.val_dataloader(), 4))
+        keep_float, sensitivity = self._keep_float(fused, calibration, validation)
 
-        float_program = export_float(folded, calibration[0])
-        int8_program = quantize_int8(folded, calibration)
-        float_path = self.output_dir / "student_fp32.pt2"
-        int8_path = self.output_dir / "student_int8.pt2"
-        save_program(float_program, float_path)
-        save_program(int8_program, int8_path)
+        programs = {
+            "fp32": export_float(fused, calibration[0]),
+            "bf16": export_bf16(fused, calibration[0]),
+            "int8": quantize_int8(fused, calibration, keep_float),
+        }
+        paths = {kind: self.output_dir / f"student_{kind}.pt2" for kind in programs}
+        for kind, program in programs.items():
+            save_program(program, paths[kind])
+        # ONNX (compress/onnx_export.py) goes here: student.onnx and student_int8.onnx from
+        # `fused`, their paths into `paths` (sizes land in the report) and their outputs
+        # into the PSNR comparison below.
 
-        report = self._report(pl_module.teacher, student, folded, int8_program.module(),
-                              validation, float_path, int8_path, len(calibration))
+        report = self._report(pl_module.teacher, student, fused,
+                              {k: programs[k].module() for k in ("bf16", "int8")},
+                              validation, paths, len(calibration))
+        report["keep_float"] = list(keep_float)
+        if sensitivity is not None:
+            report["sensitivity"] = sensitivity
         report_path = self.output_dir / "report.json"
         tmp = report_path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(report, indent=2))
         os.replace(tmp, report_path)
         log.info("export report:\n%s", format_report(report))
         self.outputs = {"student checkpoint": str(checkpoint_path),
-                        "float export": str(float_path), "int8 export": str(int8_path),
-                        "report": str(report_path)}
+                        "float export": str(paths["fp32"]), "bf16 export": str(paths["bf16"]),
+                        "int8 export": str(paths["int8"]), "report": str(report_path)}
+
+    def _keep_float(
+        self,
+        fused: nn.Module,
+        calibration: list[tuple[torch.Tensor, torch.Tensor]],
+        validation: list[tuple[torch.Tensor, torch.Tensor]],
+    ) -> tuple[tuple[str, ...], list[dict] | None]:
+        if self.keep_float_auto == 0:
+            return self.keep_float, None
+        rows = layer_sensitivity(fused, calibration, validation)
+        auto = most_sensitive(rows, self.keep_float_auto)
+        log.info("keeping the %d most sensitive convs float: %s", len(auto), ", ".join(auto))
+        return tuple(dict.fromkeys([*self.keep_float, *auto])), rows
 
     @torch.no_grad()
     def _report(
         self,
         teacher: nn.Module | None,
         student: nn.Module,
-        folded: nn.Module,
-        quantized: nn.Module,
+        fused: nn.Module,
+        variants: dict[str, nn.Module],
         validation: list[tuple[torch.Tensor, torch.Tensor]],
-        float_path: Path,
-        int8_path: Path,
+        paths: dict[str, Path],
         n_calibration: int,
     ) -> dict:
         if teacher is None:
@@ -104,8 +152,9 @@ class ExportStudent(L.Callback):
         else:
             teacher = copy.deepcopy(teacher).float().cpu().eval()
             teacher_out = torch.cat([teacher(mel, face) for mel, face in validation])
-        reference = torch.cat([folded(mel, face) for mel, face in validation])
-        int8_out = torch.cat([quantized(mel, face) for mel, face in validation])
+        reference = torch.cat([fused(mel, face) for mel, face in validation])
+        outputs = {kind: torch.cat([variant(mel, face) for mel, face in validation])
+                   for kind, variant in variants.items()}
         t_macs, s_macs = count_macs(teacher), count_macs(student)
         spec = getattr(student, "spec", None)
         return {
@@ -115,10 +164,11 @@ class ExportStudent(L.Callback):
             "parameters": {"teacher": count_parameters(teacher),
                            "student": count_parameters(student)},
             "macs_per_frame": {"teacher": t_macs, "student": s_macs},
-            "file_bytes": {"student_fp32": float_path.stat().st_size,
-                           "student_int8": int8_path.stat().st_size},
+            "file_bytes": {f"student_{kind}": path.stat().st_size
+                           for kind, path in paths.items()},
             "psnr_db": {
-                "int8_vs_float_student": psnr(int8_out, reference),
+                **{f"{kind}_vs_float_student": psnr(out, reference)
+                   for kind, out in outputs.items()},
                 "float_student_vs_teacher": (psnr(reference, teacher_out)
                                              if teacher_out is not None else None),
             },
@@ -147,13 +197,18 @@ def format_report(report: dict) -> str:
     lines = [f"student preset: {report.get('student_preset')}"]
     lines.append(f"{'':32}{'teacher':>14}{'student':>14}{'ratio':>9}")
     lines += [f"{a:32}{b:>14}{c:>14}{d:>9}" for a, b, c, d in rows]
-    fp32, int8 = sizes["student_fp32"], sizes["student_int8"]
-    lines.append(f"student file: fp32 {fp32 / 1e6:.2f} MB, int8 {int8 / 1e6:.2f} MB "
-                 f"({int8 / fp32:.2f}x)")
+    fp32 = sizes["student_fp32"]
+    files = [f"{key.removeprefix('student_')} {size / 1e6:.2f} MB ({size / fp32:.2f}x)"
+             for key, size in sizes.items() if key != "student_fp32"]
+    lines.append(f"student file: fp32 {fp32 / 1e6:.2f} MB, {', '.join(files)}")
     line = f"PSNR int8 vs float student: {quality['int8_vs_float_student']:.2f} dB"
     if quality["float_student_vs_teacher"] is not None:
         line += f"; float student vs teacher: {quality['float_student_vs_teacher']:.2f} dB"
     lines.append(line)
+    if "bf16_vs_float_student" in quality:
+        lines.append(f"PSNR bf16 vs float student: {quality['bf16_vs_float_student']:.2f} dB")
+    if report.get("keep_float"):
+        lines.append(f"kept float in int8: {', '.join(report['keep_float'])}")
     spread = report["output_std"]["float_student"]
     lines.append(f"student output std: {spread:.3f}")
     if spread < FLAT_OUTPUT_STD:

@@ -10,15 +10,23 @@ axis. :class:`ConvInt8Quantizer` covers both conv kinds with per-output-channel 
 (axis 0 for ``conv2d``, axis 1 for ``conv_transpose2d``).
 
 The result is a ``torch.export.ExportedProgram`` in PT2E's quantize/dequantize form: weights are
-stored as int8 with float scales, every conv input is quantized per tensor, and biases, residual
-adds, concatenations and the sigmoid output stay float. Kernels may run it as true int8 (e.g.
-after Inductor lowering); eager execution dequantizes and computes in float. The program keeps a
-dynamic batch dimension and loads with ``torch`` and ``torchao`` alone.
+stored as int8 with float scales, every conv input is quantized per tensor, a conv-ReLU pair is
+quantized as one op (its output observed after the ReLU, as int8 backends fuse it), and biases,
+residual adds, concatenations and the sigmoid output stay float. The program keeps a dynamic
+batch dimension and loads with ``torch`` and ``torchao`` alone.
+
+Kernels: run eagerly the program dequantizes and computes in float (smaller, not faster). Under
+``torch.compile`` with Inductor's ``freezing`` on, the QDQ conv patterns lower to oneDNN int8
+convolutions (``onednn.qconv_pointwise``, ReLU fused) on x86 CPUs; see
+:func:`compress.exports.compile_program`. Transposed convs have no int8 kernel there, and
+Inductor's pattern would take them for plain convs, so :func:`export_int8` stores their weights
+in a layout that keeps them out of it (see :func:`protect_transposed_convs`).
 """
 
 from __future__ import annotations
 
 import logging
+import operator
 import os
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
@@ -45,7 +53,9 @@ from compress.metrics import psnr_db
 __all__ = [
     "ConvInt8Quantizer",
     "export_float",
+    "export_int8",
     "load_program",
+    "protect_transposed_convs",
     "psnr",
     "quantize_int8",
     "save_program",
@@ -59,6 +69,13 @@ _CONV_WEIGHT_AXIS = {
     torch.ops.aten.conv_transpose2d.input: 1,
 }
 _GROUPS_ARG = 6
+_RELUS = (torch.ops.aten.relu.default, torch.ops.aten.relu_.default)
+# Ops a QAT graph (BatchNorm not yet folded) may have between a conv and its ReLU.
+_GRAPH_BATCHNORMS = (
+    torch.ops.aten.batch_norm.default,
+    torch.ops.aten._native_batch_norm_legit_no_training.default,
+    operator.getitem,
+)
 # Node metadata that only serves debugging; see _strip_debug_info.
 _DEBUG_META = ("stack_trace", "from_node")
 _OBSERVER_EPS = 2**-12
@@ -114,9 +131,14 @@ class ConvInt8Quantizer(Quantizer):
     """PT2E quantizer for conv generators: int8 convs and transposed convs, float elsewhere.
 
     Every ``conv2d`` and ``conv_transpose2d`` gets per-output-channel symmetric int8 weights and a
-    per-tensor affine uint8 input. Outputs are not annotated, so each activation is quantized
-    once, where a conv reads it. Grouped transposed convs fall back to per-tensor weights, since
-    their output channels do not lie along one weight axis.
+    per-tensor affine uint8 input. A conv whose only consumer is a ReLU (through BatchNorm in a
+    QAT graph) forms one fused pattern: the ReLU's output is observed too, with the same spec, so
+    it shares its observer with the next conv's input and an int8 backend can fuse conv, ReLU and
+    requantization into one kernel. In a residual layer the add comes between the conv and the
+    ReLU, so conv, add and ReLU stay apart and only the conv's input is observed. Other outputs
+    are not annotated, so each activation is quantized once, where a conv reads it. Grouped
+    transposed convs fall back to per-tensor weights, since their output channels do not lie
+    along one weight axis.
 
     Args:
         keep_float: Module paths (as in ``model.named_modules()``) whose convs stay float, for
@@ -134,7 +156,7 @@ class ConvInt8Quantizer(Quantizer):
             ValueError: If a ``keep_float`` path matches no conv, which usually means a typo.
         """
         act = _activation_spec()
-        n_int8, n_float, matched = 0, 0, set[str]()
+        n_int8, n_fused, n_float, matched = 0, 0, 0, set[str]()
         for node in model.graph.nodes:
             if node.op != "call_function" or node.target not in _CONV_WEIGHT_AXIS:
                 continue
@@ -151,13 +173,20 @@ class ConvInt8Quantizer(Quantizer):
                 input_qspec_map={x: act, weight: _weight_spec(self._weight_axis(node))},
                 _annotated=True,
             )
+            relu = _fused_relu(node)
+            if relu is not None:
+                relu.meta["quantization_annotation"] = QuantizationAnnotation(
+                    output_qspec=act, _annotated=True
+                )
+                n_fused += 1
             n_int8 += 1
         unmatched = [p for p in self.keep_float if p not in matched]
         if unmatched:
             raise ValueError(
                 f"keep_float paths {unmatched} match no conv; use names from named_modules()"
             )
-        log.info("annotated %d convs for int8; %d kept float", n_int8, n_float)
+        log.info("annotated %d convs for int8 (%d fused with their ReLU); %d kept float",
+                 n_int8, n_fused, n_float)
         return model
 
     def validate(self, model: GraphModule) -> None:
@@ -170,13 +199,25 @@ class ConvInt8Quantizer(Quantizer):
         return None if axis == 1 and groups != 1 else axis
 
 
+def _fused_relu(conv: Node) -> Node | None:
+    # Follow single-consumer edges only: a conv output that also feeds an add or a concatenation
+    # is not a fusable pair.
+    node = conv
+    while len(node.users) == 1:
+        user = next(iter(node.users))
+        if user.target in _RELUS:
+            return user
+        if user.target not in _GRAPH_BATCHNORMS:
+            return None
+        node = user
+    return None
+
+
 def _batch_dynamic_shapes() -> tuple[dict[int, Dim], dict[int, Dim]]:
     batch = Dim("batch", min=1)
     return {0: batch}, {0: batch}
 
 
-# TODO(issue 6): lower the QDQ program to real int8 kernels (inductor or ONNX Runtime); run
-# eagerly it dequantizes and computes in float, so it is smaller but not faster.
 @torch.no_grad()
 def quantize_int8(
     model: nn.Module,
@@ -214,11 +255,67 @@ def quantize_int8(
         n_batches += 1
     log.info("calibrated int8 observers on %d batches", n_batches)
 
-    converted = convert_pt2e(prepared)
+    return export_int8(convert_pt2e(prepared), example)
+
+
+@torch.no_grad()
+def export_int8(converted: GraphModule, example: tuple[Tensor, ...]) -> ExportedProgram:
+    """Export the output of ``convert_pt2e`` as a compact, compilable int8 program.
+
+    Drops the float weights ``convert_pt2e`` leaves behind, applies
+    :func:`protect_transposed_convs` and exports with a dynamic batch dimension. PTQ
+    (:func:`quantize_int8`) and QAT share this last step, so their files have the same layout.
+
+    Args:
+        converted: A PT2E graph after ``convert_pt2e``; it is modified in place.
+        example: One ``(audio, face)`` batch; only its sample shapes matter.
+    """
     _drop_unused_tensors(converted)
-    program = _export(converted, example)
+    protect_transposed_convs(converted)
+    program = _export(converted, _two_sample_example(example))
     log.info("int8 program tensors: %s", _storage_summary(program))
     return program
+
+
+# TODO(issue 6): no int8 transposed-conv kernel under Inductor; the decoder's transposed convs
+# run as dequantized weights + float oneDNN deconvolution (an exact sub-pixel rewrite into
+# plain convs would let them use qconv too).
+def protect_transposed_convs(gm: GraphModule) -> int:
+    """Keep per-channel int8 transposed convs away from Inductor's int8 conv lowering.
+
+    Inductor's x86 freezing pass (torch 2.11 and torchao 0.18 alike) matches
+    ``convolution(dequant(x), dequant_per_channel(w))`` without checking the transposed flag and
+    prepacks the ``(in, out, kH, kW)`` transposed weight as a plain conv's ``(out, in, kH, kW)``:
+    compilation fails, or computes another layer. So the int8 weight is stored transposed,
+    ``(out, in, kH, kW)`` with scales on axis 0, and a ``permute`` after the dequantize restores
+    the layout. The int8 values and scales, and so the eager output, are unchanged.
+
+    Returns:
+        The number of transposed convs rewritten.
+    """
+    aten, decomposed = torch.ops.aten, torch.ops.quantized_decomposed
+    count = 0
+    for node in list(gm.graph.nodes):
+        if node.target != aten.conv_transpose2d.input:
+            continue
+        dequant = node.args[1]
+        if not (isinstance(dequant, Node)
+                and dequant.target == decomposed.dequantize_per_channel.default
+                and dequant.args[3] == 1 and dequant.args[0].op == "get_attr"
+                and "." not in dequant.args[0].target):
+            continue
+        name = dequant.args[0].target
+        weight = getattr(gm, name)
+        setattr(gm, name, weight.transpose(0, 1).contiguous())
+        dequant.update_arg(3, 0)
+        with gm.graph.inserting_after(dequant):
+            restored = gm.graph.call_function(aten.permute.default, (dequant, [1, 0, 2, 3]))
+        node.replace_input_with(dequant, restored)
+        count += 1
+    gm.graph.lint()
+    gm.recompile()
+    log.info("stored %d transposed-conv int8 weights out of Inductor's qconv pattern", count)
+    return count
 
 
 @torch.no_grad()

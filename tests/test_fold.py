@@ -1,4 +1,4 @@
-"""BatchNorm folding: the folded student computes what the unfolded one computes."""
+"""BatchNorm folding and ReLU fusion: the inference network computes what the student computes."""
 
 from __future__ import annotations
 
@@ -6,8 +6,13 @@ import pytest
 import torch
 from torch import nn
 
-from compress.fold import fold_batchnorm
-from models.wav2lip import Wav2Lip
+from compress.fold import (
+    ConvReLU2d,
+    ConvTransposeReLU2d,
+    fold_batchnorm,
+    fuse_for_inference,
+)
+from models.wav2lip import Conv2d, Conv2dTranspose, Wav2Lip
 
 
 def _randomise_batchnorm(model: nn.Module, generator: torch.Generator) -> None:
@@ -91,3 +96,66 @@ def test_fold_creates_missing_conv_bias() -> None:
     assert folded[0].bias is not None, "a bias-free conv needs a bias after folding"
     err = (folded(x) - model(x)).abs().max().item()
     assert err < 1e-10, f"max abs error {err:.3e}"
+
+
+def _wrongly_fuse_residuals(model: nn.Module) -> int:
+    """Fuse the ReLU of every residual block too, as a naive conv-BN-ReLU fuser would."""
+    count = 0
+    for block in model.modules():
+        if isinstance(block, Conv2d) and block.residual:
+            block.conv_block[0] = ConvReLU2d.from_conv(block.conv_block[0])
+            block.act = nn.Identity()
+            count += 1
+    return count
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_fused_student_matches_unfused(dtype: torch.dtype) -> None:
+    """Slim 0.125 keeps every residual layer of the original: 28 residual, 22 plain blocks."""
+    torch.manual_seed(0)
+    generator = torch.Generator().manual_seed(4)
+    model = Wav2Lip(slim=0.125)
+    _randomise_batchnorm(model, generator)
+    model = model.to(dtype).eval()
+    blocks = {n: m for n, m in model.named_modules() if isinstance(m, (Conv2d, Conv2dTranspose))}
+    residual = [n for n, m in blocks.items() if isinstance(m, Conv2d) and m.residual]
+
+    fused = fuse_for_inference(model)
+
+    assert len(blocks) == 50 and len(residual) == 28, (len(blocks), len(residual))
+    fused_convs = [n for n, m in fused.named_modules()
+                   if isinstance(m, (ConvReLU2d, ConvTransposeReLU2d))]
+    assert len(fused_convs) == len(blocks) - len(residual) == 22, fused_convs
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fused.modules()), "BatchNorm left"
+    fused_blocks = dict(fused.named_modules())
+    for name in residual:
+        block = fused_blocks[name]
+        assert type(block.conv_block[0]) is nn.Conv2d, f"{name}: ReLU fused before the add"
+        assert isinstance(block.act, nn.ReLU), f"{name}: the ReLU after the add is gone"
+    assert fused.state_dict().keys() == fold_batchnorm(model).state_dict().keys()
+    assert isinstance(model.face_encoder_blocks[1][1].act, nn.ReLU), "fuse modified its input"
+
+    # Every block's output, residual ones included, not only the network's.
+    outputs: dict[str, list[torch.Tensor]] = {}
+    for net in (model, fused):
+        for name, block in net.named_modules():
+            if name in blocks:
+                block.register_forward_hook(
+                    lambda _m, _i, out, name=name: outputs.setdefault(name, []).append(out)
+                )
+    mel, face = _inputs(3, generator, dtype)
+    with torch.no_grad():
+        reference = model(mel, face)
+        out = fused(mel, face)
+    assert reference.std() > 0.01, f"reference output nearly constant (std {reference.std():.2e})"
+    worst = max(((a - b).abs().max().item(), n) for n, (a, b) in outputs.items())
+    assert worst[0] < 1e-5, f"block {worst[1]}: fused vs unfused max abs error {worst[0]:.3e}"
+    err = (out - reference).abs().max().item()
+    assert err < 1e-5, f"fused vs unfused max abs error {err:.3e} ({dtype})"
+
+    # The rule matters: also fusing the residual blocks' ReLU changes the network.
+    assert _wrongly_fuse_residuals(fused) == 28
+    with torch.no_grad():
+        wrong = fused(mel, face)
+    wrong_err = (wrong - reference).abs().max().item()
+    assert wrong_err > 1e-2, f"fusing before the residual add changed only {wrong_err:.3e}"
