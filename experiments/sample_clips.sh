@@ -1,0 +1,48 @@
+#!/bin/bash
+# The sample-clip experiments of the README ("Results on the sample clips"), end to end on a CPU.
+# usage: experiments/sample_clips.sh [RUNS_DIR] [DATA_DIR]   (needs ../shared/samples)
+# Takes about 2 hours on a 2-core machine; set STEPS lower for a quick look.
+set -euo pipefail
+RUNS=${1:-outputs/sample_clips}
+DATA=${2:-outputs/sample_clips/data}
+STEPS=${STEPS:-250}
+PY=${PY:-.venv/bin/python}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+
+# 1. Three public clips -> face crops; train on two, hold the third out (val = test).
+$PY -m data.preprocess --input ../shared/samples --output "$DATA" --workers 2
+printf "vid_retalking4_700sq_30fps\nvid_sadtalker_katiehill_512_mpeg4\n" > "$DATA/train.txt"
+echo vid_retalking2_844sq_25fps > "$DATA/val.txt"
+cp "$DATA/val.txt" "$DATA/test.txt"
+$PY -m data.pack "$DATA"
+
+COMMON=(data=lrs2 "data.root=$DATA" data.format=packed data.num_workers=0 data.batch_size=8
+        data.val_samples=64 trainer.limit_val_batches=8 trainer.precision=bf16-mixed
+        "logger=[wandb,csv]")
+
+# 2. A teacher from scratch: the full Wav2Lip, ground truth only, 300 steps.
+$PY train.py experiment=teacher "${COMMON[@]}" trainer.max_steps=300 \
+    trainer.val_check_interval=100 seed=0 hydra.run.dir="$RUNS/teacher_s0"
+TEACHER="$RUNS/teacher_s0/export/student.pt"
+
+# 3. Students distilled from it, two seeds each, with the full recipe (output + feature + ground
+#    truth) as run for the README; the ablation drops terms (output + feature is now the default).
+FULL=(distill.teacher_l1=1 distill.feature=1 distill.ground_truth_l1=1)
+distil() {  # name seed overrides...
+    local name=$1 seed=$2; shift 2
+    $PY train.py "${COMMON[@]}" teacher.checkpoint="$TEACHER" trainer.max_steps="$STEPS" \
+        trainer.val_check_interval=50 seed="$seed" hydra.run.dir="$RUNS/${name}_s$seed" "$@"
+}
+for seed in 0 1; do
+    distil nota_like_full "$seed" student=nota_like "${FULL[@]}"
+    distil slim25_full "$seed" student=slim25 "${FULL[@]}"
+    distil nota_like_out "$seed" student=nota_like distill.feature=0 distill.ground_truth_l1=0
+    distil nota_like_outfeat "$seed" student=nota_like distill.feature=1 distill.ground_truth_l1=0
+done
+
+# 4. Tables and curves from the CSV logs, and the side-by-side evaluation on the held-out clip.
+$PY experiments/summarize.py "$RUNS" --metrics val/psnr_teacher val/psnr_gt --out "$RUNS/summary"
+$PY eval.py "$DATA" --split test --teacher "$TEACHER" \
+    --student "$RUNS/slim25_full_s0/export/student.pt" \
+    --student "$RUNS/nota_like_full_s0/export/student.pt" \
+    --program "$RUNS/nota_like_full_s0/export/student_int8.pt2" --out "$RUNS/eval.md"
