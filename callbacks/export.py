@@ -4,7 +4,11 @@ Exports are ``torch.export`` programs with a dynamic batch dimension, loadable w
 ``torch`` (+ ``torchao`` for the int8 one) and none of this repository's code: fp32, bf16 (float32
 in and out, see :func:`compress.exports.export_bf16`) and static int8, whose ``keep_float``
 layers stay float (listed by hand, and/or the ``keep_float_auto`` most sensitive ones by
-:func:`compress.sensitivity.layer_sensitivity`). The float student is also saved as a
+:func:`compress.sensitivity.layer_sensitivity`). With ``onnx`` on, the same inference network
+also goes to ONNX Runtime: ``student.onnx`` (float32) and ``student_int8.onnx`` (static int8 QDQ,
+every conv quantized: ``keep_float`` names PyTorch modules and applies to the ``.pt2`` only).
+All of them are compared with the float student in ``report.json``. The float student is also
+saved as a
 self-describing checkpoint (``student.pt``: spec + weights) for
 :func:`models.student.load_student`, to fine-tune or evaluate it without the training config.
 """
@@ -27,6 +31,7 @@ from torch import nn
 from compress.complexity import count_macs, count_parameters
 from compress.exports import export_bf16
 from compress.fold import fuse_for_inference
+from compress.onnx_export import INPUT_NAMES, export_onnx, quantize_onnx_int8
 from compress.quantize import export_float, psnr, quantize_int8, save_program
 from compress.sensitivity import layer_sensitivity, most_sensitive
 from models.student import save_student
@@ -50,7 +55,7 @@ def _inputs(loader: Iterable, limit: int) -> Iterator[tuple[torch.Tensor, torch.
 
 
 class ExportStudent(L.Callback):
-    """Writes ``student.pt``, ``student_{fp32,bf16,int8}.pt2`` and ``report.json``.
+    """Writes ``student.pt``, ``student_{fp32,bf16,int8}.pt2``, ONNX files and ``report.json``.
 
     Args:
         output_dir: Folder for the files (created).
@@ -61,6 +66,7 @@ class ExportStudent(L.Callback):
         keep_float_auto: Also keep this many of the most sensitive convs float, ranked by
             quantizing one conv at a time (:mod:`compress.sensitivity`); costs one calibration
             per conv, so it is off (0) by default.
+        onnx: Also write ``student.onnx`` and ``student_int8.onnx`` for ONNX Runtime.
     """
 
     def __init__(
@@ -69,6 +75,7 @@ class ExportStudent(L.Callback):
         calibration_batches: int = 8,
         keep_float: Sequence[str] = (),
         keep_float_auto: int = 0,
+        onnx: bool = True,
     ) -> None:
         if calibration_batches < 1:
             raise ValueError(f"calibration_batches must be >= 1, got {calibration_batches}")
@@ -78,6 +85,7 @@ class ExportStudent(L.Callback):
         self.calibration_batches = calibration_batches
         self.keep_float = tuple(str(path) for path in keep_float)
         self.keep_float_auto = keep_float_auto
+        self.onnx = onnx
         self.outputs: dict[str, str] = {}
 
     @rank_zero_only
@@ -102,13 +110,17 @@ class ExportStudent(L.Callback):
         paths = {kind: self.output_dir / f"student_{kind}.pt2" for kind in programs}
         for kind, program in programs.items():
             save_program(program, paths[kind])
-        # ONNX (compress/onnx_export.py) goes here: student.onnx and student_int8.onnx from
-        # `fused`, their paths into `paths` (sizes land in the report) and their outputs
-        # into the PSNR comparison below.
+        variants = {k: programs[k].module() for k in ("bf16", "int8")}
+        if self.onnx:
+            paths["onnx_fp32"] = export_onnx(fused, calibration[0],
+                                             self.output_dir / "student.onnx")
+            paths["onnx_int8"] = quantize_onnx_int8(paths["onnx_fp32"], calibration,
+                                                    self.output_dir / "student_int8.onnx")
+            variants.update({kind: _OnnxRunner(paths[kind])
+                             for kind in ("onnx_fp32", "onnx_int8")})
 
-        report = self._report(pl_module.teacher, student, fused,
-                              {k: programs[k].module() for k in ("bf16", "int8")},
-                              validation, paths, len(calibration))
+        report = self._report(pl_module.teacher, student, fused, variants, validation, paths,
+                              len(calibration))
         report["keep_float"] = list(keep_float)
         if sensitivity is not None:
             report["sensitivity"] = sensitivity
@@ -119,7 +131,11 @@ class ExportStudent(L.Callback):
         log.info("export report:\n%s", format_report(report))
         self.outputs = {"student checkpoint": str(checkpoint_path),
                         "float export": str(paths["fp32"]), "bf16 export": str(paths["bf16"]),
-                        "int8 export": str(paths["int8"]), "report": str(report_path)}
+                        "int8 export": str(paths["int8"])}
+        if self.onnx:
+            self.outputs.update({"ONNX float export": str(paths["onnx_fp32"]),
+                                 "ONNX int8 export": str(paths["onnx_int8"])})
+        self.outputs["report"] = str(report_path)
 
     def _keep_float(
         self,
@@ -182,6 +198,20 @@ class ExportStudent(L.Callback):
         }
 
 
+class _OnnxRunner:
+    """Runs an ONNX file in ONNX Runtime's CPU provider like a module: ``runner(mel, face)``."""
+
+    def __init__(self, path: Path) -> None:
+        import onnxruntime as ort
+
+        self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+    def __call__(self, mel: torch.Tensor, face: torch.Tensor) -> torch.Tensor:
+        feed = {name: t.detach().float().cpu().numpy()
+                for name, t in zip(INPUT_NAMES, (mel, face))}
+        return torch.from_numpy(self.session.run(None, feed)[0])
+
+
 def format_report(report: dict) -> str:
     """A short aligned table of the export report."""
     params, macs = report["parameters"], report["macs_per_frame"]
@@ -205,8 +235,10 @@ def format_report(report: dict) -> str:
     if quality["float_student_vs_teacher"] is not None:
         line += f"; float student vs teacher: {quality['float_student_vs_teacher']:.2f} dB"
     lines.append(line)
-    if "bf16_vs_float_student" in quality:
-        lines.append(f"PSNR bf16 vs float student: {quality['bf16_vs_float_student']:.2f} dB")
+    for kind in ("bf16", "onnx_fp32", "onnx_int8"):
+        if f"{kind}_vs_float_student" in quality:
+            value = quality[f"{kind}_vs_float_student"]
+            lines.append(f"PSNR {kind} vs float student: {value:.2f} dB")
     if report.get("keep_float"):
         lines.append(f"kept float in int8: {', '.join(report['keep_float'])}")
     spread = report["output_std"]["float_student"]

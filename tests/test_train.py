@@ -49,6 +49,9 @@ def test_multirun_over_two_slim_factors(tmp_path: Path) -> None:
         assert (run / "export" / "student_int8.pt2").is_file()
         report = json.loads((run / "export" / "report.json").read_text())
         assert report["psnr_db"]["int8_vs_float_student"] >= 30.0, report["psnr_db"]
+        assert report["psnr_db"]["onnx_fp32_vs_float_student"] >= 60.0, report["psnr_db"]
+        assert report["psnr_db"]["onnx_int8_vs_float_student"] >= 30.0, report["psnr_db"]
+        assert report["file_bytes"]["student_onnx_int8"] < report["file_bytes"]["student_onnx_fp32"]
         student_params.append(report["parameters"]["student"])
         [run_file] = run.glob("wandb/offline-run-*/run-*.wandb")
         keys = history_keys(run_file)

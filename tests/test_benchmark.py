@@ -1,0 +1,95 @@
+"""The benchmark writes complete results on a small run; it never asserts a speed."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import benchmark as cli
+from compress import benchmark
+from compress.benchmark import BenchmarkConfig, run_benchmark
+
+BATCHES = (1, 2)
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], Path]:
+    folder = tmp_path_factory.mktemp("bench")
+    failing = pytest.MonkeyPatch()
+    real_prepare = benchmark._prepare
+
+    def prepare(backend: str, *args: Any, **kwargs: Any) -> Any:
+        # Stands for a backend that cannot handle a preset: it must become a table cell.
+        if backend == "compile_int8":
+            raise RuntimeError("no int8 kernel here\nsecond line of the traceback text")
+        return real_prepare(backend, *args, **kwargs)
+
+    failing.setattr(benchmark, "_prepare", prepare)
+    cfg = BenchmarkConfig(presets=("micro",), backends=("eager_fp32", "ort_fp32", "compile_int8"),
+                          batches=BATCHES, threads=1, budget_s=0.0, min_repeats=2, max_repeats=2,
+                          output_dir=folder)
+    try:
+        result = run_benchmark(cfg)
+    finally:
+        failing.undo()
+    return result, folder
+
+
+def test_outputs_are_written(report: tuple[dict[str, Any], Path]) -> None:
+    result, folder = report
+    names = sorted(p.name for p in folder.iterdir())
+    assert names == ["artifacts", "results.json", "results.md", "throughput.png"], names
+    assert json.loads((folder / "results.json").read_text())["teacher_fps"].keys() == {"1", "2"}
+    assert (folder / "throughput.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    artifacts = sorted(p.name for p in (folder / "artifacts").iterdir())
+    assert artifacts == ["micro_fp32.onnx", "micro_fp32.pt", "teacher_fp32.pt"], artifacts
+    assert result["machine"]["threads"] == 1
+
+
+def test_measurements_are_finite_and_ratios_from_this_run(
+    report: tuple[dict[str, Any], Path],
+) -> None:
+    result, _ = report
+    rows = result["measurements"]
+    measured = [m for m in rows if m["backend"] != "compile_int8"]
+    assert {(m["model"], m["backend"], m["batch"]) for m in measured} == {
+        (model, backend, b)
+        for model, backend in [("teacher", "eager_fp32"), ("micro", "eager_fp32"),
+                               ("micro", "ort_fp32")]
+        for b in BATCHES
+    }
+    teacher = {m["batch"]: m["fps"] for m in rows if m["model"] == "teacher"}
+    for m in measured:
+        assert m["error"] is None, m
+        assert math.isfinite(m["fps"]) and m["fps"] > 0, m
+        assert len(m["seconds"]) == 2, m
+        assert m["fps"] == pytest.approx(m["batch"] / statistics.median(m["seconds"]))
+        assert m["ratio_to_teacher"] == pytest.approx(m["fps"] / teacher[m["batch"]])
+    micro = result["models"]["micro"]
+    assert micro["parameters"] == 1_200_375
+    assert micro["macs_convt_output"] > micro["macs_convt_input"] > 0
+    assert set(micro["artifact_bytes"]) == {"eager_fp32", "ort_fp32"}
+
+
+def test_failed_backend_is_a_table_cell(report: tuple[dict[str, Any], Path]) -> None:
+    result, folder = report
+    failed = [m for m in result["measurements"] if m["backend"] == "compile_int8"]
+    assert [m["batch"] for m in failed] == list(BATCHES)
+    assert all(m["fps"] is None for m in failed)
+    assert failed[0]["error"] == "RuntimeError: no int8 kernel here"
+    table = (folder / "results.md").read_text()
+    row = next(line for line in table.splitlines() if "compile_int8" in line)
+    assert "failed: RuntimeError: no int8 kernel here" in row
+    assert "| teacher | eager_fp32 | 36,298,035 |" in table
+
+
+def test_command_line_rejects_unknown_preset(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--presets", "no_such_preset"])
+    assert exit_info.value.code == 2
+    assert "no student preset ['no_such_preset']" in capsys.readouterr().err
