@@ -390,7 +390,16 @@ def run_benchmark(cfg: BenchmarkConfig) -> dict[str, Any]:
         The report written to ``results.json`` (see :func:`format_table` for its rows).
     """
     threads = cfg.threads or usable_cores()
+    previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
+    try:
+        return _run(cfg, threads)
+    finally:
+        # The caller's thread count: kernels may pick another reduction order with another count.
+        torch.set_num_threads(previous_threads)
+
+
+def _run(cfg: BenchmarkConfig, threads: int) -> dict[str, Any]:
     folder = cfg.output_dir
     artifacts = folder / "artifacts"
     artifacts.mkdir(parents=True, exist_ok=True)

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 import benchmark as cli
 from compress import benchmark
@@ -33,10 +34,13 @@ def report(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], Pa
     cfg = BenchmarkConfig(presets=("micro",), backends=("eager_fp32", "ort_fp32", "compile_int8"),
                           batches=BATCHES, threads=1, budget_s=0.0, min_repeats=2, max_repeats=2,
                           output_dir=folder)
+    threads = torch.get_num_threads()
     try:
         result = run_benchmark(cfg)
     finally:
         failing.undo()
+    # Left at 1, later tests in this process would compute with other kernels than a fresh one.
+    assert torch.get_num_threads() == threads
     return result, folder
 
 
