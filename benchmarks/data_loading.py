@@ -22,8 +22,8 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data.dataset import DataError, WindowDataset  # noqa: E402
-from data.pack import pack_root  # noqa: E402
+from data.dataset import DataError, WindowDataset
+from data.pack import pack_root
 
 SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "samples"
 VIDEOS = ("vid_retalking2_844sq_25fps.mp4", "vid_retalking4_700sq_30fps.mp4",

@@ -227,7 +227,7 @@ class _ConvShapes(TorchDispatchMode):
         super().__init__()
         self.calls: list[tuple[torch.Size, torch.Size, bool, torch.Size]] = []
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         if func.overloadpacket in _CONV_OPS:
             self.calls.append((args[0].shape, args[1].shape, bool(args[6]), out.shape))

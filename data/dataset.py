@@ -329,7 +329,7 @@ class Wav2LipDataModule(L.LightningDataModule):
         mel_offset_frames: int = -1,
         synthetic: bool = False,
         seed: int = 0,
-        format: str = "jpg",  # noqa: A002 - the config key users write
+        format: str = "jpg",  # shadows the builtin: it is the config key users write
         sync_offsets: int = 0,
     ) -> None:
         super().__init__()

@@ -30,10 +30,10 @@ from data.dataset import (
     PACKED_FRAMES,
     PACKED_INDEX,
     DataError,
-    packed_index,
-    save_npy_atomic,
     load_mel,
+    packed_index,
     read_filelist,
+    save_npy_atomic,
 )
 
 log = logging.getLogger(__name__)

@@ -173,7 +173,7 @@ def test_click_lands_in_the_predicted_mel_column(case: str, tmp_path: Path) -> N
 def test_convention_values() -> None:
     # Frame i's instant is clip column round(3.2 i); the training window starts one frame early.
     assert [frame_instant_column(i, -1) for i in range(1, 6)] == [3, 3, 4, 4, 4]
-    assert [frame_instant_column(i, 0) for i in range(0, 5)] == [0, 0, 0, 1, 1]
+    assert [frame_instant_column(i, 0) for i in range(5)] == [0, 0, 0, 1, 1]
     assert [mel_start(i, -1) for i in range(1, 7)] == [0, 3, 6, 9, 12, 16]
     for i in range(1, 500):
         assert mel_start(i, -1) == int(80.0 * ((i - 1) / 25.0)), i  # the original's formula

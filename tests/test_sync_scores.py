@@ -22,8 +22,8 @@ from torch.utils.data import default_collate
 from data.audio import load_audio, save_wav
 from data.dataset import MEL_CACHE, WindowDataset
 from data.synthetic import make_synthetic_dataset
-from models.syncnet import SyncNet, sync_input
 from models.sync_scores import best_offset, lse_scores, mean_distances, sync_distances
+from models.syncnet import SyncNet, sync_input
 
 SAMPLES_PER_FRAME = 640  # 16 kHz / 25 fps
 SHIFT = 5  # frames the audio is moved by in the misaligned copies
