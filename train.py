@@ -114,7 +114,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
         close_wandb(loggers)
 
     if trainer.is_global_zero:
-        print(f"checkpoint: {trainer.checkpoint_callback.last_model_path}")
+        for saver in trainer.checkpoint_callbacks:
+            label = f"best checkpoint ({saver.monitor})" if saver.monitor else "last checkpoint"
+            print(f"{label}: {saver.best_model_path}")
         for callback in callbacks:
             for name, path in getattr(callback, "outputs", {}).items():
                 print(f"{name}: {path}")

@@ -280,12 +280,75 @@ class QATStudent(nn.Module):
                              f"first {diff[:3]}")
         self.prepared.load_state_dict(target, strict=False)
 
+    @torch.no_grad()
+    def fake_quantized_weights(self) -> dict[str, Tensor]:
+        """Each fake-quantized conv weight as the forward pass uses it, under the student's names.
+
+        A weight ``w`` followed by BatchNorm runs as ``fq(w * s) / s`` with ``s`` the BatchNorm
+        scale (``gamma / sqrt(running_var + eps)``), a weight without one as ``fq(w)``. Once the
+        observers freeze, the trained (latent) weights can leave the frozen ranges, where the
+        fake quantizer clamps them: the network that was trained, and that becomes the int8
+        program, is the one with these weights, not the latent ones.
+        """
+        modules = dict(self.prepared.named_modules())
+        prefix = STUDENT_ATTR + "."
+        weights: dict[str, Tensor] = {}
+        for node in self.prepared.graph.nodes:
+            if node.op != "get_attr" or not node.target.startswith(prefix):
+                continue
+            [user] = node.users if len(node.users) == 1 else [None]
+            if user is None:
+                continue
+            scaled = user.op == "call_function" and user.target == torch.ops.aten.mul.Tensor
+            fq_node = next(iter(user.users)) if scaled and len(user.users) == 1 else user
+            fake_quant = modules.get(fq_node.target) if fq_node.op == "call_module" else None
+            if not isinstance(fake_quant, FakeQuantizeBase):
+                continue
+            weight = _evaluate(self.prepared, node)
+            flags = (fake_quant.fake_quant_enabled.clone(), fake_quant.observer_enabled.clone())
+            fake_quant.enable_fake_quant(True)
+            fake_quant.enable_observer(False)
+            try:
+                if scaled:
+                    scale = _evaluate(self.prepared, user.args[1])
+                    safe = torch.where(scale == 0, torch.ones_like(scale), scale)
+                    quantized = torch.where(scale == 0, weight, fake_quant(weight * safe) / safe)
+                else:
+                    quantized = fake_quant(weight)
+            finally:
+                fake_quant.fake_quant_enabled.copy_(flags[0])
+                fake_quant.observer_enabled.copy_(flags[1])
+            weights[node.target.removeprefix(prefix)] = quantized.detach().clone()
+        return weights
+
     def to_float(self) -> Wav2Lip:
-        """A plain float :class:`Wav2Lip` (same spec, same device) holding the trained weights."""
+        """A plain float :class:`Wav2Lip` (same spec, same device) holding the trained weights.
+
+        With fake quantization on, its conv weights are :meth:`fake_quantized_weights`: the
+        float network then computes what the QAT network computed, activations unquantized.
+        """
+        state = self.float_state_dict()
+        if self.fake_quant:
+            state.update(self.fake_quantized_weights())
         student = Wav2Lip(spec=self.spec)
-        student.load_state_dict(self.float_state_dict(), strict=True)
+        student.load_state_dict(state, strict=True)
         device = next(self.prepared.parameters()).device
         return student.to(device).train(self.training)
+
+
+def _evaluate(graph: GraphModule, node: torch.fx.Node) -> Tensor:
+    """Value of a node computed from attributes only (a weight, a BatchNorm scale)."""
+    if node.op == "get_attr":
+        value = graph
+        for part in node.target.split("."):
+            value = getattr(value, part)
+        return value
+    if node.op != "call_function":
+        raise ValueError(f"{node.name} ({node.op}) depends on the inputs, not only on weights")
+    args, kwargs = torch.fx.node.map_arg(
+        (node.args, node.kwargs), lambda arg: _evaluate(graph, arg)
+    )
+    return node.target(*args, **kwargs)
 
 
 def prepare_qat(

@@ -43,6 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 START, FREEZE_BN, SAVE_AT, FREEZE_OBSERVERS, STEPS = 2, 3, 4, 5, 6
 TAPS = ("face_decoder.3", "face_decoder.5")
 BN_MEAN = "face_encoder_blocks.1.0.conv_block.1.running_mean"
+N_CONVS = 51  # the original layout, residual layers included
 # The int8 program computes the fake-quantized network's arithmetic (identical here, inf dB);
 # the floor leaves room for BatchNorm folding rounding differently on other kernels.
 MIN_INT8_VS_FAKE_QUANT_DB = 40.0
@@ -198,14 +199,35 @@ def test_float_student_is_back_with_the_trained_weights(scenario: dict[str, Any]
     student = scenario["module"].student
     assert type(student) is Wav2Lip and student.spec.slim == 0.0625
     trained = scenario["run2"]["final_float_state"]
+    prepared = copy.deepcopy(scenario["run2"]["final_student"])
+    quantized = prepared.fake_quantized_weights()
+    # Every conv weight but output_block.1's (kept float) is fake-quantized.
+    assert len(quantized) == N_CONVS - 1 and "output_block.1.weight" not in quantized
     state = student.state_dict()
     assert state.keys() == trained.keys()
-    assert all(torch.equal(state[k], trained[k]) for k in state)
-    # The prepared graph with fake quantization off computes the float student.
-    prepared = scenario["run2"]["final_student"]
+    for key, value in state.items():
+        assert torch.equal(value, quantized.get(key, trained[key])), key
+    # The prepared graph with fake quantization off, on the same weights, is the float student.
+    prepared.load_float_state_dict(state)
     prepared.set_phase(False, False, True)
     out, reference = _eval_output(student), _eval_output(prepared)
     assert torch.allclose(out, reference, rtol=0, atol=1e-5), (out - reference).abs().max()
+
+
+def test_float_student_keeps_what_the_fake_quantizers_clamp(scenario: dict[str, Any]) -> None:
+    """Latent weights that drift out of frozen ranges must not reach the float student."""
+    prepared = copy.deepcopy(scenario["run2"]["final_student"])
+    prepared.set_phase(True, False, True)
+    with torch.no_grad():
+        # As Adam's momentum can do after the observers freeze: far outside the frozen ranges.
+        for name in prepared.fake_quantized_weights():
+            prepared.prepared.get_parameter(f"student.{name}").mul_(4)
+    fake_quantized = _eval_output(prepared)
+    floor = MIN_INT8_VS_FAKE_QUANT_DB
+    assert psnr(_eval_output(prepared.to_float()), fake_quantized) >= floor
+    prepared.set_phase(False, False, True)
+    assert psnr(_eval_output(prepared.to_float()), fake_quantized) < floor - 10, (
+        "the drift should show in the latent weights: the test would not catch a regression")
 
 
 def test_report_compares_qat_and_post_training_int8(scenario: dict[str, Any]) -> None:
@@ -274,6 +296,7 @@ def test_prepared_student_keeps_the_student_interface(scenario: dict[str, Any]) 
     assert prepared.spec == student.spec and prepared.slim == student.slim
     # Same parameter order and shapes: an optimizer state saved before QAT still fits.
     assert [p.shape for p in prepared.parameters()] == [p.shape for p in student.parameters()]
+    prepared.load_float_state_dict(student.state_dict())
     prepared.set_phase(False, False, True)
     generator = torch.Generator().manual_seed(8)
     mel, face = torch.rand(2, 5, 1, 80, 16, generator=generator), torch.rand(

@@ -58,8 +58,10 @@ def test_multirun_over_two_slim_factors(tmp_path: Path) -> None:
         assert {"train/loss", "train/l1_teacher", "val/loss", "val/l1_teacher"} <= keys, keys
         checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
         assert not any(k.startswith("teacher.") for k in checkpoint["state_dict"])
+        assert checkpoint["global_step"] == 4, "last.ckpt is not the newest state"
     assert student_params[0] < student_params[1]
     assert "int8 export:" in result.stdout and "report:" in result.stdout
+    assert "last checkpoint:" in result.stdout and "best checkpoint (val/" in result.stdout
 
 
 def compose_config(output_dir: Path, *overrides: str):
@@ -127,10 +129,13 @@ def test_real_clips_preprocess_train_export(samples_dir: Path, tmp_path: Path) -
     assert sorted(listed) == ["vid_retalking2_844sq_25fps", "vid_retalking4_700sq_30fps"]
 
     run_dir = tmp_path / "run"
+    # No best checkpoint at all: last.ckpt must not depend on the monitored one.
     result = run_train("data=lrs2", f"data.root={data_root}", "data.batch_size=2",
-                       "data.num_workers=0", f"hydra.run.dir={run_dir}", *FAST, cwd=tmp_path)
+                       "data.num_workers=0", f"hydra.run.dir={run_dir}",
+                       "callbacks.model_checkpoint.save_top_k=0", *FAST, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    assert checkpoint["global_step"] == 4
     report = json.loads((run_dir / "export" / "report.json").read_text())
     assert report["psnr_db"]["int8_vs_float_student"] >= 30.0, report["psnr_db"]
     assert report["parameters"]["teacher"] == 36_298_035
