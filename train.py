@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import sys
 import warnings
+from pathlib import Path
 from typing import NoReturn
 
 import hydra
@@ -79,10 +80,16 @@ def close_wandb(loggers: list) -> None:
 def train(cfg: DictConfig) -> dict[str, float]:
     """Build everything from ``cfg``, fit, export; returns the final logged metrics."""
     L.seed_everything(cfg.seed, workers=True)
+    resume = cfg.get("ckpt_path")
+    if resume and not Path(resume).is_file():
+        raise ConfigError(f"ckpt_path={resume} is not a file; give a run's "
+                          "checkpoints/last.ckpt, or leave ckpt_path unset to start afresh")
 
     log.info("building teacher and student <%s>", cfg.student.get("name", cfg.student.slim))
     teacher = build_teacher(cfg.teacher.checkpoint, cfg.teacher.get("enabled", True))
-    student = instantiate(cfg.student)
+    # _convert_="all": plain lists and dicts, so that checkpoints (hyperparameters, student
+    # spec) hold no OmegaConf objects and load with torch.load(weights_only=True) when resumed.
+    student = instantiate(cfg.student, _convert_="all")
     if cfg.student_init == "teacher" and teacher is None:
         raise ConfigError("student_init=teacher needs a teacher; use student_init=random with "
                           "teacher=none")
@@ -92,7 +99,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         raise ConfigError(f"student_init={cfg.student_init} is not teacher or random; pick one")
 
     log.info("checking data <%s>", cfg.data.root)
-    datamodule = instantiate(cfg.data)
+    datamodule = instantiate(cfg.data, _convert_="all")
     datamodule.prepare_data()
     datamodule.setup("fit")
 
@@ -101,15 +108,22 @@ def train(cfg: DictConfig) -> dict[str, float]:
     syncnet = build_syncnet(sync_checkpoint)
     discriminator = build_discriminator(cfg.distill.get("gan"))
     module = instantiate(cfg.distill, student=student, teacher=teacher, syncnet=syncnet,
-                         discriminator=discriminator)
+                         discriminator=discriminator, _convert_="all")
 
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    for key, callback in zip(cfg.get("callbacks") or {}, callbacks):
+        # Options that name student layers fail now, not after training.
+        if hasattr(callback, "check"):
+            try:
+                callback.check(student)
+            except ValueError as err:
+                raise ConfigError(f"callbacks.{key}: {err}") from err
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
     log.info("distilling for <%s> steps", cfg.trainer.max_steps)
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
     finally:
         close_wandb(loggers)
 

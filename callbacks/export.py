@@ -32,7 +32,7 @@ from compress.complexity import count_macs, count_parameters
 from compress.exports import export_bf16
 from compress.fold import fuse_for_inference
 from compress.onnx_export import INPUT_NAMES, export_onnx, quantize_onnx_int8
-from compress.quantize import export_float, psnr, quantize_int8, save_program
+from compress.quantize import check_keep_float, export_float, psnr, quantize_int8, save_program
 from compress.sensitivity import layer_sensitivity, most_sensitive
 from models.student import save_student
 from models.wav2lip import Wav2Lip
@@ -87,6 +87,10 @@ class ExportStudent(L.Callback):
         self.keep_float_auto = keep_float_auto
         self.onnx = onnx
         self.outputs: dict[str, str] = {}
+
+    def check(self, student: nn.Module) -> None:
+        """Before training: raise ValueError if ``keep_float`` names no conv of ``student``."""
+        check_keep_float(student, self.keep_float)
 
     @rank_zero_only
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

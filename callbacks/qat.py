@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from callbacks.export import flatten_windows
 from compress.fold import fold_batchnorm
 from compress.qat import STUDENT_ATTR, QATStudent, convert_qat, prepare_qat
-from compress.quantize import psnr, quantize_int8, save_program
+from compress.quantize import check_keep_float, psnr, quantize_int8, save_program
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +136,10 @@ class QuantizationAwareTraining(L.Callback):
         return QATPhase(fake_quant=started,
                         observing=started and not reached(self.freeze_observer_step),
                         bn_frozen=reached(self.freeze_bn_step))
+
+    def check(self, student: nn.Module) -> None:
+        """Before training: raise ValueError if ``keep_float`` names no conv of ``student``."""
+        check_keep_float(student, self.keep_float)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         student = getattr(pl_module, "student", None)

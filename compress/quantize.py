@@ -52,6 +52,7 @@ from compress.metrics import psnr_db
 
 __all__ = [
     "ConvInt8Quantizer",
+    "check_keep_float",
     "export_float",
     "export_int8",
     "load_program",
@@ -125,6 +126,16 @@ def _module_path(node: Node) -> str:
 
 def _under(path: str, prefix: str) -> bool:
     return path == prefix or path.startswith(prefix + ".")
+
+
+def check_keep_float(model: nn.Module, keep_float: Sequence[str]) -> None:
+    """Raise a one-line ValueError if a ``keep_float`` path covers no conv of ``model``."""
+    convs = [name for name, m in model.named_modules()
+             if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))]
+    unmatched = [p for p in keep_float if not any(_under(c, p) for c in convs)]
+    if unmatched:
+        raise ValueError(f"keep_float paths {unmatched} match no conv of the student; use "
+                         f"module names such as {convs[0]!r} or a block such as 'output_block'")
 
 
 class ConvInt8Quantizer(Quantizer):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from pathlib import Path
 
@@ -141,6 +142,13 @@ def test_writes_are_atomic(
         quantize_onnx_int8(paths[0], [image_like(2, torch.Generator())], target)
     assert target.read_bytes() == b"previous export", "a failed write clobbered the target"
     assert [p.name for p in tmp_path.iterdir()] == ["model.onnx"], "temporary files left"
+
+
+def test_files_get_the_usual_permissions(paths: tuple[Path, Path]) -> None:
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in paths:
+        assert path.stat().st_mode & 0o777 == 0o666 & ~umask, f"{path.name}: {path.stat().st_mode:o}"
 
 
 def test_quantize_rejects_empty_calibration(paths: tuple[Path, Path], tmp_path: Path) -> None:

@@ -51,12 +51,14 @@ def test_multirun_over_two_slim_factors(tmp_path: Path) -> None:
         assert report["psnr_db"]["int8_vs_float_student"] >= 30.0, report["psnr_db"]
         assert report["psnr_db"]["onnx_fp32_vs_float_student"] >= 60.0, report["psnr_db"]
         assert report["psnr_db"]["onnx_int8_vs_float_student"] >= 30.0, report["psnr_db"]
-        assert report["file_bytes"]["student_onnx_int8"] < report["file_bytes"]["student_onnx_fp32"]
+        sizes = report["file_bytes"]
+        assert sizes["student_onnx_int8"] < sizes["student_onnx_fp32"]
         student_params.append(report["parameters"]["student"])
         [run_file] = run.glob("wandb/offline-run-*/run-*.wandb")
         keys = history_keys(run_file)
         assert {"train/loss", "train/l1_teacher", "val/loss", "val/l1_teacher"} <= keys, keys
-        checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+        # As Lightning loads it to resume (ckpt_path=) and eval.py to evaluate it.
+        checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
         assert not any(k.startswith("teacher.") for k in checkpoint["state_dict"])
         assert checkpoint["global_step"] == 4, "last.ckpt is not the newest state"
     assert student_params[0] < student_params[1]
@@ -97,6 +99,21 @@ def test_checkpoint_that_is_not_wav2lip(tmp_path: Path) -> None:
     torch.save({"state_dict": foreign.state_dict()}, tmp_path / "foreign.pth")
     cfg = compose_config(tmp_path / "run", f"teacher.checkpoint={tmp_path / 'foreign.pth'}")
     with pytest.raises(CheckpointError, match="is not a Wav2Lip checkpoint"):
+        train(cfg)
+    assert_nothing_written(tmp_path / "run")
+
+
+def test_unknown_keep_float_layer_fails_before_training(tmp_path: Path) -> None:
+    cfg = compose_config(tmp_path / "run", "callbacks.export.keep_float=[no_such_block]")
+    message = r"callbacks.export: keep_float paths \['no_such_block'\] match no conv"
+    with pytest.raises(ValueError, match=message):
+        train(cfg)
+    assert_nothing_written(tmp_path / "run")
+
+
+def test_missing_resume_checkpoint(tmp_path: Path) -> None:
+    cfg = compose_config(tmp_path / "run", f"ckpt_path={tmp_path / 'nope.ckpt'}")
+    with pytest.raises(ValueError, match="nope.ckpt is not a file"):
         train(cfg)
     assert_nothing_written(tmp_path / "run")
 
