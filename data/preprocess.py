@@ -95,6 +95,8 @@ class ClipRecord:
     audio_offset: float = 0.0
     video_seconds: float | None = None
     split: str = ""  # train | val | test | train+val | ""
+    # The face options and length limit the crops were made with (empty: not recorded).
+    settings: dict = dataclasses.field(default_factory=dict)
 
     @property
     def usable(self) -> bool:
@@ -276,10 +278,20 @@ def process_clip(
         (with a one-line reason and no folder written) when the clip cannot be used.
     """
     policy = policy or FacePolicy()
+    settings = {**dataclasses.asdict(policy), "max_seconds": max_seconds}
+    settings["pads"] = list(settings["pads"])
     dest = output / name
     if (dest / "audio.wav").is_file():
-        return _finished_record(name, src, dest)
-    rec = ClipRecord(name, str(src))
+        done = _finished_record(name, src, dest)
+        if done.settings and done.settings != settings:
+            changed = sorted(k for k in settings if done.settings.get(k) != settings[k])
+            done.status = "rejected"
+            done.reason = (f"already preprocessed with other {', '.join(changed)} "
+                           f"({', '.join(f'{k}={done.settings.get(k)}' for k in changed)}); "
+                           f"remove {dest} to redo it, or use another --output")
+            log.warning("rejected %s: %s", src, done.reason)
+        return done
+    rec = ClipRecord(name, str(src), settings=settings)
     tmp = output / f".tmp-{name.replace('/', '--')}"
     try:
         if any(c.isspace() for c in name):

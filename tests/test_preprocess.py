@@ -262,6 +262,19 @@ def test_real_rerun_is_noop(real_root, samples_dir: Path) -> None:
     assert [r.frames_kept for r in again] == [r.frames_kept for r in first]
     assert [r.split for r in again] == [r.split for r in first]
     assert stamp == {p: p.stat().st_mtime_ns for p in out.rglob("*.jpg")}
+    # Other face options: the old crops are not passed off as made with them.
+    lists = {p.name: p.read_text() for p in out.glob("*.txt")}
+    summary = (out / "summary.json").read_bytes()
+    other = pp.preprocess([samples_dir / name for name in REAL_CLIPS], out,
+                          policy=FacePolicy(min_face=400, pads=(0, 10, 0, 0)))
+    assert [r.status for r in other] == ["rejected"] * 3
+    assert all(r.reason.startswith("already preprocessed with other min_face, pads (min_face=40, "
+                                   "pads=[0, 0, 0, 0]); remove ") for r in other), other[0].reason
+    assert stamp == {p: p.stat().st_mtime_ns for p in out.rglob("*.jpg")}
+    assert {p.name: p.read_text() for p in out.glob("*.txt") if p.name != "summary.txt"} == {
+        k: v for k, v in lists.items() if k != "summary.txt"}
+    (out / "summary.json").write_bytes(summary)  # the module's other tests read the first run's
+    (out / "summary.txt").write_text(lists["summary.txt"])
 
 
 def test_photos_rejected_without_traceback(samples_dir: Path, tmp_path: Path, capsys) -> None:
