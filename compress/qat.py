@@ -195,22 +195,6 @@ class QATStudent(nn.Module):
         self.fake_quant, self.observing, self.bn_frozen = fake_quant, observe, freeze_bn
         self._applied = None
 
-    def reset_per_tensor_ranges(self) -> int:
-        """Forget the ranges of the per-tensor (activation) observers; returns how many.
-
-        Called when BatchNorm freezes: activations normalised by batch statistics can have
-        other ranges than those normalised by the running statistics that inference (and the
-        folded int8 program) uses, and a moving average would take ~1/0.01 steps to forget
-        them. Per-channel weight ranges do not depend on the BatchNorm mode and are kept (their
-        observers also reset by replacing buffers, which DDP and device moves would not see).
-        """
-        count = 0
-        for module in self.prepared.modules():
-            if isinstance(module, FakeQuantize) and not module.is_per_channel:
-                module.activation_post_process.reset_min_max_vals()
-                count += 1
-        return count
-
     def train(self, mode: bool = True) -> QATStudent:
         """Set the mode flag on every submodule (PT2E graphs refuse ``train()`` itself)."""
         for module in self.modules():
