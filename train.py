@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import NoReturn
 
 import hydra
 import lightning as L
+from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import WandbLogger
@@ -158,8 +160,18 @@ def main(cfg: DictConfig) -> float | None:
 
 
 def fail(message: str) -> NoReturn:
-    """Log ``message`` and exit with it as a one-line error."""
-    log.error("%s", message)
+    """Exit with ``message`` as a one-line error, leaving no run folder that holds nothing else."""
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    bookkeeping = {".hydra", f"{HydraConfig.get().job.name}.log"}
+    if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= bookkeeping:
+        logging.shutdown()  # closes the log file before its folder goes
+        shutil.rmtree(run_dir)
+    else:
+        # The console gets the message once, from sys.exit; the run's log file keeps it too.
+        record = log.makeRecord(log.name, logging.ERROR, __file__, 0, message, None, None)
+        for handler in logging.getLogger().handlers:
+            if isinstance(handler, logging.FileHandler):
+                handler.handle(record)
     sys.exit(f"error: {message}")
 
 

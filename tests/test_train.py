@@ -129,7 +129,10 @@ def test_cli_truncated_teacher_is_one_line(tmp_path: Path) -> None:
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: checkpoint") and "truncated" in last, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
-    assert_nothing_written(run_dir)
+    message = last.removeprefix("error: ")
+    printed = (result.stdout + result.stderr).count(message)
+    assert printed == 1, f"the error is printed {printed} times"
+    assert not run_dir.exists(), f"the failed run left {sorted(run_dir.iterdir())}"
 
 
 @pytest.mark.slow
