@@ -40,8 +40,23 @@ for seed in 0 1; do
     distil nota_like_outfeat "$seed" student=nota_like distill.feature=1 distill.ground_truth_l1=0
 done
 
-# 4. Tables and curves from the CSV logs, and the side-by-side evaluation on the held-out clip.
+# 4. Quantization-aware training: the default recipe, fake quantization from step 150, BatchNorm
+#    frozen at 200 and the int8 scales at 225 (export/qat_report.json compares it with PTQ).
+distil nota_like_qat 0 student=nota_like callbacks=qat callbacks.qat.start_step=150 \
+    callbacks.qat.freeze_bn_step=200 callbacks.qat.freeze_observer_step=225
+
+# The CPU presets of benchmark.py, on the same budget and recipe as nota_like_outfeat_s0: a
+# preset counts for the benchmark's targets only within 1 dB of nota_like's PSNR to the teacher.
+distil cpu_wide 0 student=cpu_wide
+distil cpu_fast 0 student=cpu_fast
+
+# 5. Tables and curves from the CSV logs, and the side-by-side evaluation on the held-out clip.
+#    The README's logs are kept in experiments/logs/<run>/csv/ (this step refreshes them).
 $PY experiments/summarize.py "$RUNS" --metrics val/psnr_teacher val/psnr_gt --out "$RUNS/summary"
+for run in "$RUNS"/*_s[0-9]; do
+    mkdir -p "experiments/logs/$(basename "$run")"
+    cp -r "$run/csv" "experiments/logs/$(basename "$run")/"
+done
 $PY eval.py "$DATA" --split test --teacher "$TEACHER" \
     --student "$RUNS/slim25_full_s0/export/student.pt" \
     --student "$RUNS/nota_like_full_s0/export/student.pt" \
