@@ -69,6 +69,8 @@ from data.video import Timeline, first_video_stream, probe_video, timed_frames
 
 log = logging.getLogger(__name__)
 
+# A sound track whose loudest sample is this quiet holds no speech (16-bit PCM's floor is -90).
+SILENCE_PEAK_DB = -60
 VIDEO_EXTS = frozenset({".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v", ".mpg", ".mpeg", ".flv"})
 
 @dataclasses.dataclass
@@ -309,6 +311,12 @@ def process_clip(
                 if not probe.frames_kept:
                     reason += "; and no face in its first frame"
             raise ClipRejected(reason) from exc
+        peak = float(wav.abs().max())
+        peak_db = 20 * math.log10(peak) if peak > 0 else -math.inf
+        if peak_db < SILENCE_PEAK_DB:
+            raise ClipRejected(f"audio is silent (peak {peak_db:.0f} dBFS, under "
+                               f"{SILENCE_PEAK_DB} dBFS), so there is no speech to sync lips "
+                               "to; check the clip's sound track")
         if len(wav) < MIN_AUDIO_SECONDS * SAMPLE_RATE:
             raise ClipRejected(f"audio lasts {len(wav) / SAMPLE_RATE:.3f} s, shorter than one "
                                f"{MIN_AUDIO_SECONDS:.1f} s mel window; give a longer clip")

@@ -120,8 +120,9 @@ def make_clip(
     seconds: float = 1.0,
     audio: bool = True,
     audio_seconds: float | None = None,
+    amplitude: float = 0.3,
 ) -> None:
-    """A tiny H.264 clip of noise frames with a 440 Hz tone."""
+    """A tiny H.264 clip of noise frames with a 440 Hz tone (silence at ``amplitude=0``)."""
     rng = np.random.default_rng(0)
     with av.open(str(path), "w") as out:
         video = out.add_stream("libx264", rate=fps)
@@ -134,7 +135,7 @@ def make_clip(
         out.mux(video.encode())
         if tone is not None:
             t = np.arange(round(44100 * (audio_seconds or seconds))) / 44100
-            pcm = (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)[None]
+            pcm = (amplitude * np.sin(2 * np.pi * 440 * t)).astype(np.float32)[None]
             for start in range(0, pcm.shape[1], 1024):
                 frame = av.AudioFrame.from_ndarray(
                     np.ascontiguousarray(pcm[:, start:start + 1024]), format="fltp", layout="mono"
@@ -372,12 +373,14 @@ def test_bad_clips_are_rejected_in_one_line(synthetic: Path, tmp_path: Path) -> 
     bad.mkdir()
     (bad / "junk.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(200))
     make_clip(bad / "short.mp4", fps=25, seconds=1.0, audio_seconds=0.15)
+    make_clip(bad / "silent.mp4", fps=25, seconds=1.0, amplitude=0.0)
     shutil.copy(synthetic / "mute.mp4", bad / "mute.mp4")
     out = tmp_path / "out"
     records = {r.name: r for r in pp.preprocess([bad], out, detector=FixedBox())}
     assert "unreadable" in records["junk"].reason
     assert "shorter than one 0.2 s mel window" in records["short"].reason
     assert "no audio stream" in records["mute"].reason
+    assert "audio is silent (peak" in records["silent"].reason
     for rec in records.values():
         assert rec.status == "rejected" and "\n" not in rec.reason
     assert sorted(p.name for p in out.iterdir()) == ["summary.json", "summary.txt"]
