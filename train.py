@@ -67,6 +67,22 @@ def build_discriminator(gan: DictConfig | None) -> QualityDiscriminator | None:
     return QualityDiscriminator()
 
 
+def describe_student(student: DictConfig) -> str:
+    """The student's preset name plus what the command line changed: ``slim50 (slim=0.25)``.
+
+    Reports and checkpoints carry the name, so a preset with overridden widths must not pass
+    for the preset itself.
+    """
+    name = student.get("name") or "custom"
+    preset = Path(__file__).parent / "conf" / "student" / f"{name}.yaml"
+    if not preset.is_file():
+        return name
+    original = OmegaConf.load(preset)
+    changed = [f"{key}={student[key]}" for key in student
+               if key not in ("name", "_target_") and original.get(key) != student[key]]
+    return f"{name} ({', '.join(changed)})" if changed else name
+
+
 class ConfigError(ValueError):
     """A config value that cannot work; the message names the key and the allowed values."""
 
@@ -87,7 +103,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         raise ConfigError(f"ckpt_path={resume} is not a file; give a run's "
                           "checkpoints/last.ckpt, or leave ckpt_path unset to start afresh")
 
-    log.info("building teacher and student <%s>", cfg.student.get("name", cfg.student.slim))
+    cfg.student.name = describe_student(cfg.student)
+    log.info("building teacher and student <%s>", cfg.student.name)
     teacher = build_teacher(cfg.teacher.checkpoint, cfg.teacher.get("enabled", True))
     # _convert_="all": plain lists and dicts, so that checkpoints (hyperparameters, student
     # spec) hold no OmegaConf objects and load with torch.load(weights_only=True) when resumed.

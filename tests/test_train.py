@@ -16,7 +16,7 @@ from data.synthetic import make_synthetic_dataset
 from models.checkpoint import CheckpointError
 from models.wav2lip import Wav2Lip
 from tests.wandb_records import history_keys
-from train import train
+from train import describe_student, train
 
 ROOT = Path(__file__).resolve().parents[1]
 # A few steps on the generated sample: enough to pass through every stage of the job.
@@ -75,6 +75,17 @@ def compose_config(output_dir: Path, *overrides: str):
 def assert_nothing_written(output_dir: Path) -> None:
     for name in ("checkpoints", "export"):
         assert not (output_dir / name).exists(), f"{name} was written despite the error"
+
+
+def test_student_name_records_overrides(tmp_path: Path) -> None:
+    def name(*overrides: str) -> str:
+        return describe_student(compose_config(tmp_path, *overrides).student)
+
+    assert name() == "slim50"
+    assert name("student=nota_like") == "nota_like"
+    assert name("student.slim=0.25") == "slim50 (slim=0.25)"
+    assert name("student=nota_like", "student.head=8", "student.face_residuals=[0,0,0,0,0,1]") \
+        == "nota_like (head=8, face_residuals=[0, 0, 0, 0, 0, 1])"
 
 
 def test_data_folder_without_clips(tmp_path: Path) -> None:
