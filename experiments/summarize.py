@@ -78,20 +78,23 @@ def format_table(rows: list[dict], metrics: tuple[str, ...]) -> str:
 
 
 def plot_curves(groups: dict[str, list[Path]], metrics: tuple[str, ...], path: Path) -> None:
-    """One panel per metric, one line per run."""
+    """One panel per metric, one line per run: a colour per configuration, a dash per seed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(metrics), figsize=(6 * len(metrics), 4), squeeze=False)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for axis, metric in zip(axes[0], metrics):
-        for name, runs in groups.items():
-            for run in runs:
+        for index, runs in enumerate(groups.values()):
+            for seed, run in enumerate(runs):
                 curve = read_curves(run).get(metric)
                 if curve:
                     steps, values = zip(*curve)
-                    axis.plot(steps, values, marker="o", markersize=3, label=run.name)
+                    axis.plot(steps, values, marker="o", markersize=3, label=run.name,
+                              color=colours[index % len(colours)],
+                              linestyle=("-", "--", ":")[seed % 3])
         axis.set_xlabel("step")
         axis.set_ylabel(metric)
         axis.grid(alpha=0.3)
