@@ -1,7 +1,7 @@
 #!/bin/bash
 # The sample-clip experiments of the README ("Results on the sample clips"), end to end on a CPU.
 # usage: experiments/sample_clips.sh [RUNS_DIR] [DATA_DIR]   (needs ../shared/samples)
-# Takes about 2 hours on a 2-core machine; set STEPS lower for a quick look.
+# Takes about 2.5 hours on a 2-core machine; set STEPS lower for a quick look.
 set -euo pipefail
 RUNS=${1:-outputs/sample_clips}
 DATA=${2:-outputs/sample_clips/data}
@@ -57,7 +57,21 @@ for run in "$RUNS"/*_s[0-9]; do
     mkdir -p "experiments/logs/$(basename "$run")"
     cp -r "$run/csv" "experiments/logs/$(basename "$run")/"
 done
-$PY eval.py "$DATA" --split test --teacher "$TEACHER" \
+$PY eval.py "$DATA" --split test --teacher "$TEACHER" --samples 64 --threads 1 \
     --student "$RUNS/slim25_full_s0/export/student.pt" \
     --student "$RUNS/nota_like_full_s0/export/student.pt" \
-    --program "$RUNS/nota_like_full_s0/export/student_int8.pt2" --out "$RUNS/eval.md"
+    --student "$RUNS/nota_like_out_s0/export/student.pt" \
+    --student "$RUNS/nota_like_outfeat_s0/export/student.pt" \
+    --student "$RUNS/nota_like_qat_s0/export/student.pt" \
+    --student "$RUNS/cpu_wide_s0/export/student.pt" \
+    --student "$RUNS/cpu_fast_s0/export/student.pt" \
+    --program "$RUNS/nota_like_full_s0/export/student_int8.pt2" \
+    --program "$RUNS/nota_like_outfeat_s0/export/student_int8.pt2" \
+    --program "$RUNS/nota_like_qat_s0/export/student_qat_int8.pt2" --out "$RUNS/eval_s0.md"
+$PY eval.py "$DATA" --split test --teacher "$TEACHER" --samples 64 --threads 1 \
+    --student "$RUNS/slim25_full_s1/export/student.pt" \
+    --student "$RUNS/nota_like_full_s1/export/student.pt" \
+    --student "$RUNS/nota_like_out_s1/export/student.pt" \
+    --student "$RUNS/nota_like_outfeat_s1/export/student.pt" \
+    --program "$RUNS/nota_like_full_s1/export/student_int8.pt2" \
+    --program "$RUNS/nota_like_outfeat_s1/export/student_int8.pt2" --out "$RUNS/eval_s1.md"
