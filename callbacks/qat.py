@@ -15,7 +15,10 @@ the scales stop moving):
   observers keep their moving averages: restarting them from one batch here gave ranges so
   narrow that the student learned to lean on the clamps (int8 vs float: 8 dB PSNR on the
   sample clips).
-- ``freeze_observer_step``: observers off; the scales are frozen.
+- ``freeze_observer_step``: observers off; the scales are frozen. With ``calibrate_ranges``
+  the activation ranges are first set from histograms of ``calibration_batches`` training
+  batches, as post-training calibration sets them (rank 0's on every rank under DDP). With
+  ``freeze_observer_step == start_step`` QAT fine-tunes the post-training int8 network.
 - ``on_train_end`` (before ``ExportStudent``'s ``on_fit_end``): the QAT student is converted to
   int8 and saved as ``student_qat_int8.pt2`` beside ``qat_report.json`` (QAT against
   post-training quantization of the same weights), then a plain float ``Wav2Lip`` with the
@@ -88,7 +91,10 @@ class QuantizationAwareTraining(L.Callback):
         freeze_bn_step: Step from which BatchNorm statistics are frozen; None: never.
         freeze_observer_step: Step from which observers are off (scales frozen); None: never.
         keep_float: Student module paths whose convs stay float (``ConvInt8Quantizer``).
-        calibration_batches: Training batches calibrating the post-training int8 comparison.
+        calibrate_ranges: At ``freeze_observer_step``, set the activation ranges from
+            histograms (post-training calibration) instead of keeping the moving min/max.
+        calibration_batches: Training batches calibrating the ranges at the observer freeze
+            and the post-training int8 comparison.
         validation_batches: Held-out validation batches on which the report measures PSNR.
     """
 
@@ -99,6 +105,7 @@ class QuantizationAwareTraining(L.Callback):
         freeze_bn_step: int | None = None,
         freeze_observer_step: int | None = None,
         keep_float: Sequence[str] = (),
+        calibrate_ranges: bool = False,
         calibration_batches: int = 8,
         validation_batches: int = 4,
     ) -> None:
@@ -118,6 +125,7 @@ class QuantizationAwareTraining(L.Callback):
         self.freeze_bn_step = freeze_bn_step
         self.freeze_observer_step = freeze_observer_step
         self.keep_float = tuple(keep_float)
+        self.calibrate_ranges = calibrate_ranges
         self.calibration_batches = calibration_batches
         self.validation_batches = validation_batches
         # The phase of the last training step; validation and a resumed run use it as is.
@@ -127,7 +135,8 @@ class QuantizationAwareTraining(L.Callback):
 
     def _schedule(self) -> dict[str, int | None]:
         return {"start_step": self.start_step, "freeze_bn_step": self.freeze_bn_step,
-                "freeze_observer_step": self.freeze_observer_step}
+                "freeze_observer_step": self.freeze_observer_step,
+                "calibrate_ranges": self.calibrate_ranges}
 
     def phase_at(self, step: int) -> QATPhase:
         """The phase the schedule gives to the training step ``step``."""
@@ -174,8 +183,25 @@ class QuantizationAwareTraining(L.Callback):
         phase = self.phase_at(trainer.global_step)
         if phase != self.phase:
             log.info("QAT at step %d: %s", trainer.global_step, phase.name)
+            freezing = phase.fake_quant and not phase.observing and (
+                self.phase.observing or not self.phase.fake_quant)
+            if freezing and self.calibrate_ranges:
+                self._calibrate(trainer, pl_module)
         self.phase, self.step = phase, trainer.global_step
         self._sync(pl_module)
+
+    def _calibrate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        student = pl_module.student
+        if not isinstance(student, QATStudent):
+            return
+        device = pl_module.device
+        batches = [(mel.to(device), face.to(device)) for mel, face in
+                   _batches(trainer.datamodule.train_dataloader(), self.calibration_batches)]
+        ranges = student.calibrate_activations(batches)
+        # Ranks saw different batches; they must quantize alike.
+        student.set_activation_ranges(trainer.strategy.broadcast(ranges, src=0))
+        log.info("QAT activation ranges calibrated on %d batches at step %d", len(batches),
+                 trainer.global_step)
 
     def state_dict(self) -> dict[str, Any]:
         # The prefix tells other tools where a mid-QAT checkpoint keeps the student's weights.

@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Hashable, Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -27,6 +27,7 @@ from torch.fx import GraphModule
 from torchao.quantization.pt2e import (
     FakeQuantize,
     FakeQuantizeBase,
+    HistogramObserver,
     MovingAverageMinMaxObserver,
     MovingAveragePerChannelMinMaxObserver,
     move_exported_model_to_eval,
@@ -234,6 +235,76 @@ class QATStudent(nn.Module):
         if windowed:
             out = out.unflatten(0, (steps, batch)).permute(1, 2, 0, 3, 4)
         return out, {t: features[t] for t in taps}
+
+    def _activation_quantizers(self) -> dict[str, FakeQuantize]:
+        # Weights are quantized symmetrically (ConvInt8Quantizer); activations per tensor, affine.
+        return {name: m for name, m in self.prepared.named_modules()
+                if isinstance(m, FakeQuantize) and m.qscheme == torch.per_tensor_affine}
+
+    @torch.no_grad()
+    def calibrate_activations(
+        self, batches: Iterable[tuple[Tensor, Tensor]]
+    ) -> dict[str, tuple[float, float]]:
+        """Set each activation range from a histogram of ``batches``, as PTQ calibration would.
+
+        QAT's moving min/max keeps every outlier in range; the histogram observer of
+        :func:`compress.quantize.quantize_int8` picks the range of least quantization error
+        instead. The network runs as float (BatchNorm on its running statistics, fake
+        quantization off) while the histograms fill, as in post-training calibration; the
+        weight quantizers observe the current weights in the same passes.
+
+        Returns:
+            ``{quantizer: (min, max)}``, for :meth:`set_activation_ranges` on other ranks.
+        """
+        quantizers = self._activation_quantizers()
+        histograms = {fq: HistogramObserver(dtype=fq.dtype, qscheme=fq.qscheme,
+                                            quant_min=fq.quant_min, quant_max=fq.quant_max,
+                                            eps=_FAKE_QUANT_EPS).to(fq.scale.device)
+                      for fq in quantizers.values()}
+        hooks = [fq.register_forward_pre_hook(lambda module, args: histograms[module](args[0]))
+                 for fq in quantizers.values()]
+        _set_batchnorm_training(self.prepared, False)
+        _set_fake_quant(self.prepared, fake_quant=False, observe=False)
+        # Weight ranges are observed too: with the observers frozen from QAT's first step on,
+        # nothing else would ever set them.
+        for module in self.prepared.modules():
+            if isinstance(module, FakeQuantizeBase) and module not in histograms:
+                module.enable_observer(True)
+        try:
+            for audio, face in batches:
+                self.prepared(audio, face)
+        finally:
+            for hook in hooks:
+                hook.remove()
+            self._applied = None  # the next forward writes the schedule's switches back
+        ranges = {}
+        for name, fq in quantizers.items():
+            scale, zero_point = histograms[fq].calculate_qparams()
+            scale, zero_point = float(scale), int(zero_point)
+            ranges[name] = ((fq.quant_min - zero_point) * scale,
+                            (fq.quant_max - zero_point) * scale)
+        self.set_activation_ranges(ranges)
+        return ranges
+
+    @torch.no_grad()
+    def set_activation_ranges(self, ranges: Mapping[str, tuple[float, float]]) -> None:
+        """Give activation quantizers these ``(min, max)`` ranges, observer state included.
+
+        The observer's min and max are set too, since a later observation step and
+        ``convert_pt2e`` both derive the scale from them.
+        """
+        quantizers = self._activation_quantizers()
+        if set(ranges) != set(quantizers):
+            raise ValueError(f"ranges name {len(ranges)} quantizers, the graph has "
+                             f"{len(quantizers)}")
+        for name, (low, high) in ranges.items():
+            fq = quantizers[name]
+            observer = fq.activation_post_process
+            observer.min_val.resize_(()).fill_(low)
+            observer.max_val.resize_(()).fill_(high)
+            scale, zero_point = observer.calculate_qparams()
+            fq.scale.resize_(scale.shape).copy_(scale)
+            fq.zero_point.resize_(zero_point.shape).copy_(zero_point)
 
     def decoder_widths(self) -> list[int]:
         """Output channels of each decoder block, as the float student reports them."""

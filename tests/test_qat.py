@@ -349,3 +349,73 @@ def test_config_adds_qat_to_default_callbacks(tmp_path: Path) -> None:
     assert qat.start_step <= qat.freeze_bn_step <= qat.freeze_observer_step < cfg.trainer.max_steps
     with pytest.raises(ValueError, match="before qat.start_step"):
         QuantizationAwareTraining(str(tmp_path), start_step=5, freeze_bn_step=2)
+
+
+def _activation_scales(student: QATStudent) -> dict[str, float]:
+    return {name: float(fq.scale) for name, fq in student._activation_quantizers().items()}
+
+
+def test_calibrated_ranges_give_the_post_training_int8_network() -> None:
+    from compress.fold import fold_batchnorm
+    from compress.qat import convert_qat, prepare_qat
+    from compress.quantize import quantize_int8
+
+    torch.manual_seed(0)
+    student = Wav2Lip(slim=0.0625)
+    generator = torch.Generator().manual_seed(3)
+    batches = [(torch.rand(4, 1, 80, 16, generator=generator) * 8 - 4,
+                torch.rand(4, 6, 96, 96, generator=generator)) for _ in range(2)]
+    with torch.no_grad():
+        student.train()(*batches[0])  # BatchNorm statistics of its own activations
+    qat = prepare_qat(student)
+    before = _activation_scales(qat)
+    qat.set_phase(fake_quant=True, observe=False, freeze_bn=False)
+    ranges = qat.calibrate_activations(batches)
+
+    assert len(ranges) == len(before) > 10
+    assert all(low <= 0.0 < high for low, high in ranges.values())
+    assert _activation_scales(qat) != before
+    qat_int8 = convert_qat(qat).module()
+    ptq_int8 = quantize_int8(fold_batchnorm(student.eval()), batches).module()
+    with torch.no_grad():
+        held = _held_out()
+        float_out, qat_out, ptq_out = student(*held), qat_int8(*held), ptq_int8(*held)
+        fake_quant_out = qat.eval()(*held)
+    # The same histograms and weights: QAT's first int8 network is the post-training one.
+    assert psnr(qat_out, ptq_out) >= 40.0
+    assert psnr(qat_out, fake_quant_out) >= MIN_INT8_VS_FAKE_QUANT_DB
+    assert psnr(qat_out, float_out) > 25.0
+
+
+class ScaleProbe(L.Callback):
+    """Activation scales of the QAT student at each step, after the QAT callback ran."""
+
+    def __init__(self) -> None:
+        self.scales: dict[int, dict[str, float]] = {}
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                             batch: Any, batch_idx: int) -> None:
+        self.scales[trainer.global_step] = _activation_scales(pl_module.student)
+
+
+def test_callback_calibrates_ranges_when_observers_freeze(tmp_path: Path) -> None:
+    root = make_synthetic_dataset(tmp_path / "data", n_clips=2, n_val=1, seconds=2.0)
+    data = Wav2LipDataModule(str(root), batch_size=1, train_samples=8, val_samples=2)
+    qat = QuantizationAwareTraining(
+        str(tmp_path / "export"), start_step=1, freeze_observer_step=1, calibrate_ranges=True,
+        calibration_batches=2, validation_batches=1)
+    probe = ScaleProbe()
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=3, limit_val_batches=0,
+                        logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        enable_checkpointing=False, callbacks=[qat, probe],
+                        default_root_dir=tmp_path)
+    trainer.fit(_module(), datamodule=data)
+
+    # Float at step 0 (the prepared graph's initial scale of 1), calibrated at step 1, and the
+    # frozen observers keep those ranges to the end.
+    assert set(probe.scales[0].values()) == {1.0}
+    assert probe.scales[1] == probe.scales[2]
+    assert len(set(probe.scales[1].values())) > 5
+    report = json.loads((tmp_path / "export" / "qat_report.json").read_text())
+    assert report["schedule"]["calibrate_ranges"] is True
+    assert report["psnr_db"]["qat_int8_vs_fake_quant"] >= MIN_INT8_VS_FAKE_QUANT_DB
