@@ -47,6 +47,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="compile_bf16: cast the weights, or run fp32 weights under autocast")
     parser.add_argument("--output-dir", type=Path, default=None)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-bound", dest="bound", action="store_false",
+                        help="skip width1, the one-channel network that bounds every preset")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
@@ -60,7 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             batches=tuple(args.batches), threads=args.threads, budget_s=args.budget,
             min_repeats=args.min_repeats, max_repeats=args.max_repeats, warmup=args.warmup,
             bf16_mode=args.bf16_mode, output_dir=args.output_dir or default_output_dir(),
-            seed=args.seed,
+            seed=args.seed, bound=args.bound,
         )
     except ValueError as err:
         parser.exit(2, f"error: {err}\n")

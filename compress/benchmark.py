@@ -19,6 +19,11 @@ One run measures, with one fixed thread count for PyTorch and ONNX Runtime:
   - ``ort_fp32`` / ``ort_int8``: ONNX Runtime's CPU provider on the files of
     :mod:`compress.onnx_export` (int8: static QDQ, per-channel weights).
 
+With ``bound`` (the default) one more model runs last, ``width1``: Wav2Lip's layer geometry with
+one channel in every layer and no residual layers. It computes nothing useful; it is the
+fastest network any preset (widths and residual counts) can be, so its frames/s bound what a
+preset can reach on this machine and backend.
+
 Weights are random (BatchNorm statistics set from one batch of image-like inputs, so activations
 have realistic ranges): speed does not depend on what the weights have learnt. Frames per second
 is ``batch / median time of one call`` after warm-up; repeats stop at a time budget. Each
@@ -89,6 +94,8 @@ class Bf16Mode(StrEnum):
 BACKENDS = tuple(b.value for b in Backend)
 BF16_MODES = tuple(m.value for m in Bf16Mode)
 TEACHER = "teacher"
+# One channel per layer, no residual layers: the speed limit of Wav2Lip's layer geometry.
+BOUND = "width1"
 # The teacher's own architecture as a preset: the teacher row already measures it.
 SKIPPED_PRESETS = ("full",)
 _CALIBRATION_SAMPLES = 8
@@ -110,6 +117,7 @@ class BenchmarkConfig:
         bf16_mode: How ``compile_bf16`` gets to bf16 (:class:`Bf16Mode` or its value).
         output_dir: Where results and artifacts go.
         seed: Seed for weights and inputs.
+        bound: Also measure ``width1``, the one-channel network that bounds every preset.
     """
 
     presets: tuple[str, ...] = ()
@@ -123,6 +131,7 @@ class BenchmarkConfig:
     bf16_mode: Bf16Mode = Bf16Mode.WEIGHTS
     output_dir: Path = field(default_factory=lambda: default_output_dir())
     seed: int = 0
+    bound: bool = True
 
     def __post_init__(self) -> None:
         unknown = [b for b in self.backends if b not in BACKENDS]
@@ -411,10 +420,11 @@ def _run(cfg: BenchmarkConfig, threads: int) -> dict[str, Any]:
     models: dict[str, dict[str, Any]] = {}
     measurements: list[Measurement] = []
     timings: dict[str, float] = {}
-    for name in (TEACHER, *cfg.presets):
+    for name in (TEACHER, *cfg.presets, *((BOUND,) if cfg.bound else ())):
         tic = time.perf_counter()
         torch.manual_seed(cfg.seed)
-        model = _wav2lip_teacher() if name == TEACHER else load_preset(name)
+        model = {TEACHER: _wav2lip_teacher, BOUND: _width1_bound}.get(
+            name, lambda: load_preset(name))()
         model = _set_batchnorm_statistics(
             model, image_like(_CALIBRATION_SAMPLES, torch.Generator().manual_seed(cfg.seed))
         )
@@ -464,6 +474,17 @@ def _wav2lip_teacher() -> nn.Module:
     from models.wav2lip import Wav2Lip
 
     return Wav2Lip()
+
+
+def _width1_bound() -> nn.Module:
+    from models.spec import AUDIO_RESIDUALS, DECODER_RESIDUALS, FACE_RESIDUALS, StudentSpec
+    from models.wav2lip import Wav2Lip
+
+    spec = StudentSpec(face=(1,) * 7, audio=(1,) * 5, decoder=(1,) * 7, head=1,
+                       face_residuals=(0,) * len(FACE_RESIDUALS),
+                       audio_residuals=(0,) * len(AUDIO_RESIDUALS),
+                       decoder_residuals=(0,) * len(DECODER_RESIDUALS), name=BOUND)
+    return Wav2Lip(spec=spec)
 
 
 def _machine(threads: int) -> dict[str, Any]:
@@ -547,6 +568,9 @@ def format_table(report: dict[str, Any]) -> str:
         "MACs per 96x96 frame, convolutions only; convT-out counts transposed convs by output "
         "positions (thop), convT-in by input positions. " + report["note"] + ".",
     ]
+    if BOUND in report["models"]:
+        lines.append(f"{BOUND}: one channel per layer, no residual layers; not a usable model, "
+                     "but no preset of widths and residual counts can run faster.")
     return "\n".join(lines) + "\n"
 
 

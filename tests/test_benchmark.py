@@ -51,7 +51,8 @@ def test_outputs_are_written(report: tuple[dict[str, Any], Path]) -> None:
     assert json.loads((folder / "results.json").read_text())["teacher_fps"].keys() == {"1", "2"}
     assert (folder / "throughput.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     artifacts = sorted(p.name for p in (folder / "artifacts").iterdir())
-    assert artifacts == ["micro_fp32.onnx", "micro_fp32.pt", "teacher_fp32.pt"], artifacts
+    assert artifacts == ["micro_fp32.onnx", "micro_fp32.pt", "teacher_fp32.pt",
+                         "width1_fp32.onnx", "width1_fp32.pt"], artifacts
     assert result["machine"]["threads"] == 1
 
 
@@ -64,7 +65,8 @@ def test_measurements_are_finite_and_ratios_from_this_run(
     assert {(m["model"], m["backend"], m["batch"]) for m in measured} == {
         (model, backend, b)
         for model, backend in [("teacher", "eager_fp32"), ("micro", "eager_fp32"),
-                               ("micro", "ort_fp32")]
+                               ("micro", "ort_fp32"), ("width1", "eager_fp32"),
+                               ("width1", "ort_fp32")]
         for b in BATCHES
     }
     teacher = {m["batch"]: m["fps"] for m in rows if m["model"] == "teacher"}
@@ -80,9 +82,25 @@ def test_measurements_are_finite_and_ratios_from_this_run(
     assert set(micro["artifact_bytes"]) == {"eager_fp32", "ort_fp32"}
 
 
+def test_width1_bound_has_one_channel_per_layer(report: tuple[dict[str, Any], Path]) -> None:
+    result, folder = report
+    model = benchmark._width1_bound()
+    convs = [m for m in model.modules()
+             if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d))]
+    # Every conv but the RGB output has one channel; the stored file holds this network.
+    assert sorted(c.out_channels for c in convs) == [1] * (len(convs) - 1) + [3]
+    stored = torch.load(folder / "artifacts" / "width1_fp32.pt", weights_only=True)
+    assert sum(v.numel() for k, v in stored.items() if k.endswith("weight")) == sum(
+        c.weight.numel() for c in convs)
+    bound, micro = result["models"]["width1"], result["models"]["micro"]
+    assert bound["macs_convt_input"] < micro["macs_convt_input"] / 10
+    assert "width1: one channel per layer" in (folder / "results.md").read_text()
+
+
 def test_failed_backend_is_a_table_cell(report: tuple[dict[str, Any], Path]) -> None:
     result, folder = report
-    failed = [m for m in result["measurements"] if m["backend"] == "compile_int8"]
+    failed = [m for m in result["measurements"]
+              if m["backend"] == "compile_int8" and m["model"] == "micro"]
     assert [m["batch"] for m in failed] == list(BATCHES)
     assert all(m["fps"] is None for m in failed)
     assert failed[0]["error"] == "RuntimeError: no int8 kernel here"
