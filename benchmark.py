@@ -49,6 +49,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-bound", dest="bound", action="store_false",
                         help="skip width1, the one-channel network that bounds every preset")
+    parser.add_argument("--chunk", type=int, default=64,
+                        help="students run larger batches in calls of at most this many frames "
+                             "(0: one call per batch; the teacher always runs in one call)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
@@ -62,7 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             batches=tuple(args.batches), threads=args.threads, budget_s=args.budget,
             min_repeats=args.min_repeats, max_repeats=args.max_repeats, warmup=args.warmup,
             bf16_mode=args.bf16_mode, output_dir=args.output_dir or default_output_dir(),
-            seed=args.seed, bound=args.bound,
+            seed=args.seed, bound=args.bound, chunk=args.chunk or None,
         )
     except ValueError as err:
         parser.exit(2, f"error: {err}\n")

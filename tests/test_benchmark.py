@@ -8,6 +8,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -33,7 +34,7 @@ def report(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], Pa
     failing.setattr(benchmark, "_prepare", prepare)
     cfg = BenchmarkConfig(presets=("micro",), backends=("eager_fp32", "ort_fp32", "compile_int8"),
                           batches=BATCHES, threads=1, budget_s=0.0, min_repeats=2, max_repeats=2,
-                          output_dir=folder)
+                          output_dir=folder, chunk=1)
     threads = torch.get_num_threads()
     try:
         result = run_benchmark(cfg)
@@ -95,6 +96,54 @@ def test_width1_bound_has_one_channel_per_layer(report: tuple[dict[str, Any], Pa
     bound, micro = result["models"]["width1"], result["models"]["micro"]
     assert bound["macs_convt_input"] < micro["macs_convt_input"] / 10
     assert "width1: one channel per layer" in (folder / "results.md").read_text()
+
+
+@pytest.mark.parametrize("numpy", [False, True])
+def test_run_in_chunks_equals_one_call(numpy: bool) -> None:
+    audio, face = benchmark.image_like(7, torch.Generator().manual_seed(0))
+    model = benchmark.load_preset("micro").eval()
+    calls: list[int] = []
+
+    def forward(a: Any, f: Any) -> Any:
+        calls.append(len(f))
+        if numpy:
+            return model(torch.from_numpy(a), torch.from_numpy(f)).numpy()
+        return model(a, f)
+
+    inputs = (audio.numpy(), face.numpy()) if numpy else (audio, face)
+    concatenate = np.concatenate if numpy else torch.cat
+    with torch.no_grad():
+        whole = benchmark.run_in_chunks(forward, *inputs, None, concatenate)
+        chunked = benchmark.run_in_chunks(forward, *inputs, 3, concatenate)
+    assert calls == [7, 3, 3, 1]
+    # Same frames in the same order; eval-mode BatchNorm makes frames independent of the batch.
+    torch.testing.assert_close(torch.as_tensor(chunked), torch.as_tensor(whole),
+                               rtol=1e-5, atol=1e-6)
+
+
+class _RecordsBatches(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.batches: list[int] = []
+
+    def forward(self, audio: torch.Tensor, face: torch.Tensor) -> torch.Tensor:
+        self.batches.append(len(face))
+        return face
+
+
+def test_students_run_in_chunks_and_the_teacher_in_one_call(
+    report: tuple[dict[str, Any], Path], tmp_path: Path,
+) -> None:
+    result, folder = report
+    assert result["config"]["chunk"] == 1
+    assert "Students run a batch in calls of at most 1 frames" in (
+        folder / "results.md").read_text()
+    cfg = BenchmarkConfig(presets=("micro",), chunk=2, output_dir=tmp_path)
+    for stem, expected in (("teacher", [5]), ("micro", [2, 2, 1])):
+        model = _RecordsBatches()
+        runner = benchmark._prepare(benchmark.Backend.EAGER_FP32, model, tmp_path, stem, cfg, 1)
+        assert runner.run(5).shape[0] == 5
+        assert model.batches == expected, stem
 
 
 def test_failed_backend_is_a_table_cell(report: tuple[dict[str, Any], Path]) -> None:
