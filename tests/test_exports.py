@@ -84,6 +84,7 @@ def test_exports_match_float_student_in_fresh_process(
             assert out.shape == (n, 3, 96, 96), f"{kind} batch {n}: {tuple(out.shape)}"
             assert out.dtype == torch.float32, f"{kind} batch {n}: {out.dtype}"
             quality = psnr(out, reference)
+            print(f"{kind} batch {n}: {quality:.2f} dB vs float student")
             assert quality >= floor, f"{kind} batch {n}: {quality:.2f} dB vs float student"
 
 

@@ -151,6 +151,7 @@ def test_fused_student_matches_unfused(dtype: torch.dtype) -> None:
     worst = max(((a - b).abs().max().item(), n) for n, (a, b) in outputs.items())
     assert worst[0] < 1e-5, f"block {worst[1]}: fused vs unfused max abs error {worst[0]:.3e}"
     err = (out - reference).abs().max().item()
+    print(f"{dtype}: max abs error, output {err:.2e}, worst block {worst[0]:.2e} ({worst[1]})")
     assert err < 1e-5, f"fused vs unfused max abs error {err:.3e} ({dtype})"
 
     # The rule matters: also fusing the residual blocks' ReLU changes the network.

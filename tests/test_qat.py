@@ -346,7 +346,9 @@ def test_config_adds_qat_to_default_callbacks(tmp_path: Path) -> None:
     qat = instantiate(cfg.callbacks.qat)
     assert isinstance(qat, QuantizationAwareTraining)
     assert qat.output_dir == tmp_path / "export"
-    assert qat.start_step <= qat.freeze_bn_step <= qat.freeze_observer_step < cfg.trainer.max_steps
+    # The recommended recipe: calibrated ranges frozen from the start of QAT, BatchNorm free.
+    assert qat.start_step == qat.freeze_observer_step < cfg.trainer.max_steps
+    assert qat.freeze_bn_step is None and qat.calibrate_ranges
     with pytest.raises(ValueError, match="before qat.start_step"):
         QuantizationAwareTraining(str(tmp_path), start_step=5, freeze_bn_step=2)
 
