@@ -95,6 +95,8 @@ def test_int8_file_stores_int8_weights(student: nn.Module, files: dict[str, Path
     convs = [m for m in student.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))]
     assert len(int8) == len(convs) == N_CONVS, f"{len(int8)} int8 tensors, {len(convs)} convs"
     n_weights = sum(m.weight.numel() for m in convs)
+    print(f"{len(int8)} int8 tensors ({sum(t.numel() for t in int8):,} elements) for "
+          f"{len(convs)} convs ({n_weights:,} weights)")
     assert sum(t.numel() for t in int8) == n_weights, "int8 tensors are not the conv weights"
     float_4d = [tuple(t.shape) for t in stored if t.is_floating_point() and t.dim() == 4]
     assert not float_4d, f"float conv weights still stored: {float_4d}"
