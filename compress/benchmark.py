@@ -156,7 +156,8 @@ class BenchmarkConfig:
         if not self.batches or any(b < 1 for b in self.batches):
             raise ValueError(f"batches {list(self.batches)} must be positive integers")
         if self.chunk is not None and self.chunk < 1:
-            raise ValueError(f"chunk must be >= 1 or None, got {self.chunk}")
+            raise ValueError(f"chunk {self.chunk} must be a positive number of frames, or None "
+                             "(on the command line 0) for one call per batch")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
         if self.min_repeats < 1 or self.max_repeats < self.min_repeats or self.warmup < 1:
@@ -330,6 +331,7 @@ def _onnx_runtime(
     options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
     def forward(audio: np.ndarray, face: np.ndarray) -> np.ndarray:
         return session.run(None, dict(zip(INPUT_NAMES, (audio, face))))[0]
 

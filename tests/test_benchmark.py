@@ -164,3 +164,12 @@ def test_command_line_rejects_unknown_preset(capsys: pytest.CaptureFixture[str])
         cli.main(["--presets", "no_such_preset"])
     assert exit_info.value.code == 2
     assert "no student preset ['no_such_preset']" in capsys.readouterr().err
+
+
+def test_command_line_rejects_negative_chunk(capsys: pytest.CaptureFixture[str],
+                                             tmp_path: Path) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--chunk", "-3", "--output-dir", str(tmp_path / "bench")])
+    assert exit_info.value.code == 2
+    assert "chunk -3 must be a positive number of frames" in capsys.readouterr().err
+    assert not (tmp_path / "bench").exists()

@@ -150,7 +150,8 @@ def test_files_get_the_usual_permissions(paths: tuple[Path, Path]) -> None:
     umask = os.umask(0)
     os.umask(umask)
     for path in paths:
-        assert path.stat().st_mode & 0o777 == 0o666 & ~umask, f"{path.name}: {path.stat().st_mode:o}"
+        mode = path.stat().st_mode
+        assert mode & 0o777 == 0o666 & ~umask, f"{path.name}: {mode:o}"
 
 
 def test_quantize_rejects_empty_calibration(paths: tuple[Path, Path], tmp_path: Path) -> None:
